@@ -1,0 +1,1 @@
+"""The lambdalet operator (kopf): reconciles Function resources into Kubernetes workloads."""
