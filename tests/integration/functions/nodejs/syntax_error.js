@@ -1,0 +1,4 @@
+// Deliberately broken: loading it is Runtime.UserCodeSyntaxError.
+exports.handler = async (event) => {
+  return {;
+};
