@@ -178,6 +178,10 @@ class SqliteQueue:
 
     @staticmethod
     def _run(conn: sqlite3.Connection, batch: list[tuple[Op, Future[Any]]]) -> None:
+        # A caller that gave up (cancelled) before its operation started does not get it run.
+        batch = [(op, future) for op, future in batch if future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
