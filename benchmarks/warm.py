@@ -41,7 +41,12 @@ def aggregate(name: str, label: str, concurrency: int, runs: Sequence[wrk.WrkRes
     }
     if durations:
         summary = stats.summarize(durations)
-        row["bootstrap_ms"] = {k: round(float(v), 4) for k, v in summary.items()}
+        row["bootstrap_ms"] = {
+            "n": summary["n"],
+            "p50": round(summary["p50"], 4),
+            "p99": round(summary["p99"], 4),
+            "mean": round(summary["mean"], 4),
+        }
     return row
 
 
@@ -50,6 +55,7 @@ def run(
     concurrencies: Sequence[int],
     rounds: int,
     seconds: float,
+    *,
     log: Log,
     seed: int = 9,
 ) -> list[dict[str, Any]]:
