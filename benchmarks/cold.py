@@ -1,0 +1,151 @@
+"""Cold starts: the first invocation of an environment that did not exist, repeated over fresh processes.
+
+A trial spawns the environment (our agent, or AWS's emulator), waits until it accepts connections, sends
+one invocation on a new connection and waits for the answer; the no-op function appends the times its
+module import began and ended (``BENCH_MARKS``). The trial is split along its critical path:
+
+- spawn: process start until the environment accepts connections;
+- runtime init: until the handler's module begins importing (interpreter, runtime client, Runtime API);
+- handler import: the module's own import;
+- first response: until the client has the answer.
+
+A phase that overlapped the previous one counts only for its part after it, so phases add up to the total.
+Through the gateway (``lambdalet up``) a trial is the first invocation of a function with zero environments;
+spawn and runtime init are then one phase (the gateway starts the environment).
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import procs, stats, targets
+
+Log = Callable[[str], None]
+PHASES = ("spawn", "runtime_init", "handler_import", "first_response")
+
+
+def phases(t0: int, listening: int | None, import_start: int, import_end: int, response: int) -> dict[str, float]:
+    """Critical-path phases in ms from nanosecond milestones (pure); ``listening`` None merges spawn into init."""
+    m1 = t0 if listening is None else max(t0, listening)
+    m2 = max(m1, import_start)
+    m3 = max(m2, import_end)
+    m4 = max(m3, response)
+    out = {
+        "spawn": (m1 - t0) / 1e6,
+        "runtime_init": (m2 - m1) / 1e6,
+        "handler_import": (m3 - m2) / 1e6,
+        "first_response": (m4 - m3) / 1e6,
+        "total": (response - t0) / 1e6,
+    }
+    if listening is None:
+        out["spawn_and_runtime_init"] = out.pop("spawn") + out.pop("runtime_init")
+    return out
+
+
+def read_marks(path: Path) -> tuple[int, int]:
+    """The (import start, import end) the function module appended to its marks file."""
+    for line in path.read_text().splitlines():
+        kind, start, end = line.split()
+        if kind == "import":
+            return int(start), int(end)
+    raise ValueError(f"no import mark in {path}")
+
+
+def post(address: targets.Address, path: str = "/2015-03-31/functions/function/invocations") -> dict[str, str]:
+    """One invocation on a new connection; returns the response headers (lower-case names) plus ``status``."""
+    conn = http.client.HTTPConnection(*address, timeout=60)
+    try:
+        conn.request("POST", path, body=targets.EVENT, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        headers["status"] = str(response.status)
+        return headers
+    finally:
+        conn.close()
+
+
+def agent_trial(workdir: Path, index: int) -> dict[str, float]:
+    marks = workdir / f"cold-agent-{index}.marks"
+    port_file = workdir / f"cold-agent-{index}.port"
+    argv = targets.agent_argv(port_file, {"BENCH_MARKS": str(marks)})
+    t0 = time.time_ns()
+    proc = procs.spawn(argv, cwd=targets.FUNCTION_DIR, log=workdir / f"cold-agent-{index}.log")
+    try:
+        port = procs.wait_port_file(port_file, proc)
+        listening = time.time_ns()
+        headers = post(("127.0.0.1", port))
+        done = time.time_ns()
+    finally:
+        procs.kill_now(proc)
+    if headers["status"] != "200":
+        raise RuntimeError(f"cold agent trial answered {headers['status']}")
+    start, end = read_marks(marks)
+    out = phases(t0, listening, start, end, done)
+    if "x-lambdalet-init-duration-ms" in headers:
+        out["reported_init_ms"] = float(headers["x-lambdalet-init-duration-ms"])
+    return out
+
+
+def rie_trial(workdir: Path, index: int, binary: Path) -> dict[str, float]:
+    marks = workdir / f"cold-rie-{index}.marks"
+    port, api_port = procs.free_port(), procs.free_port()
+    env = targets.rie_env({"BENCH_MARKS": str(marks)})
+    t0 = time.time_ns()
+    proc = procs.spawn(targets.rie_argv(binary, port, api_port), env=env, cwd=targets.FUNCTION_DIR)
+    try:
+        procs.wait_connectable("127.0.0.1", port, proc)
+        listening = time.time_ns()
+        headers = post(("127.0.0.1", port))
+        done = time.time_ns()
+    finally:
+        procs.kill_now(proc)
+    if headers["status"] != "200":
+        raise RuntimeError(f"cold emulator trial answered {headers['status']}")
+    start, end = read_marks(marks)
+    return phases(t0, listening, start, end, done)
+
+
+def summarize_trials(trials: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """p50/p99 (and n) of every phase over the trials (pure)."""
+    keys = sorted({k for trial in trials for k in trial})
+    out: dict[str, Any] = {"trials": len(trials)}
+    for key in keys:
+        values = [trial[key] for trial in trials if key in trial]
+        summary = stats.summarize(values)
+        out[key] = {"p50": round(summary["p50"], 2), "p99": round(summary["p99"], 2), "mean": round(summary["mean"], 2)}
+    return out
+
+
+def run(workdir: Path, trials: int, binary: Path, log: Log) -> dict[str, Any]:
+    """Agent and emulator trials, alternating, so both see the same machine."""
+    agent: list[dict[str, float]] = []
+    rie: list[dict[str, float]] = []
+    for i in range(trials):
+        agent.append(agent_trial(workdir, i))
+        rie.append(rie_trial(workdir, i, binary))
+    a, r = summarize_trials(agent), summarize_trials(rie)
+    log(f"cold agent    p50 {a['total']['p50']:7.1f} ms p99 {a['total']['p99']:7.1f} ms ({trials} trials)")
+    log(f"cold emulator p50 {r['total']['p50']:7.1f} ms p99 {r['total']['p99']:7.1f} ms ({trials} trials)")
+    return {"agent": a, "rie": r}
+
+
+def gateway_trials(address: targets.Address, names: Sequence[str], marks: Sequence[Path]) -> list[dict[str, float]]:
+    """First invocation of each function (zero environments) through a running gateway."""
+    out = []
+    for name, mark in zip(names, marks, strict=True):
+        t0 = time.time_ns()
+        headers = post(address, f"/2015-03-31/functions/{name}/invocations")
+        done = time.time_ns()
+        if headers["status"] != "200":
+            raise RuntimeError(f"cold gateway trial {name} answered {headers['status']}")
+        start, end = read_marks(mark)
+        trial = phases(t0, None, start, end, done)
+        if "x-lambdalet-init-duration-ms" in headers:
+            trial["reported_init_ms"] = float(headers["x-lambdalet-init-duration-ms"])
+        out.append(trial)
+    return out
