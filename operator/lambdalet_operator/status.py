@@ -1,0 +1,158 @@
+"""Status of a Function: its ``Ready`` condition and instance counts, computed from what was observed.
+
+Pure: every function takes the observed objects and the time, and returns the ``.status`` to write,
+validated against ``lambdalet.crd.FunctionStatus`` (the schema the CRD publishes).
+
+``Ready`` reasons, each with a message a person can act on:
+
+* ``Ready``           — the current spec is deployed; provisioned environments are up.
+* ``Progressing``     — a rollout is under way, or provisioned environments are starting.
+* ``InvalidSpec``     — the spec breaks a rule the API server could not check; fix the named field.
+* ``CodeUnavailable`` — the code cannot be found (e.g. the named ConfigMap does not exist yet).
+* ``Conflict``        — a child's name is taken by an object this Function does not own.
+* ``RolloutFailed``   — the Deployment exceeded its progress deadline (pods crash or cannot start).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from lambdalet.crd import FunctionStatus
+
+READY = "Ready"
+
+
+class Reason(StrEnum):
+    READY = "Ready"
+    PROGRESSING = "Progressing"
+    INVALID_SPEC = "InvalidSpec"
+    CODE_UNAVAILABLE = "CodeUnavailable"
+    CONFLICT = "Conflict"
+    ROLLOUT_FAILED = "RolloutFailed"
+
+
+#: Reasons decided by reconciling the spec (not by watching the Deployment): they stay until the spec
+#: changes or the next reconcile succeeds.
+SPEC_REASONS = frozenset({Reason.INVALID_SPEC, Reason.CODE_UNAVAILABLE, Reason.CONFLICT})
+
+
+def timestamp(now: datetime.datetime) -> str:
+    return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ready_condition(status: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    for condition in (status or {}).get("conditions") or []:
+        if condition.get("type") == READY:
+            result: Mapping[str, Any] = condition
+            return result
+    return None
+
+
+def condition(
+    previous: Mapping[str, Any] | None,
+    *,
+    ok: bool,
+    reason: Reason,
+    message: str,
+    generation: int | None,
+    now: datetime.datetime,
+) -> dict[str, Any]:
+    """The ``Ready`` condition; ``lastTransitionTime`` moves only when the status flips."""
+    value = "True" if ok else "False"
+    since = timestamp(now)
+    if previous is not None and previous.get("status") == value and previous.get("lastTransitionTime"):
+        since = str(previous["lastTransitionTime"])
+    return {
+        "type": READY,
+        "status": value,
+        "reason": str(reason),
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
+
+
+def deployment_readiness(
+    deployment: Mapping[str, Any], provisioned: int, function_name: str
+) -> tuple[bool, Reason, str, int, int]:
+    """(ready, reason, message, ready instances, desired instances) from a Deployment as observed."""
+    spec = deployment.get("spec") or {}
+    st = deployment.get("status") or {}
+    desired = int(spec.get("replicas") or 0)
+    ready = int(st.get("readyReplicas") or 0)
+    updated = int(st.get("updatedReplicas") or 0)
+    total = int(st.get("replicas") or 0)
+    generation = int((deployment.get("metadata") or {}).get("generation") or 0)
+    observed = int(st.get("observedGeneration") or 0)
+    pods = f"`kubectl get pods -l lambdalet.dev/function={function_name}` and their logs"
+    for cond in st.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return (
+                False,
+                Reason.ROLLOUT_FAILED,
+                f"the new environments did not become ready in time ({cond.get('message', '')}); check {pods}",
+                ready,
+                desired,
+            )
+    if observed < generation:
+        return False, Reason.PROGRESSING, "the Deployment has not yet seen the new configuration", ready, desired
+    if updated < total:
+        return (
+            False,
+            Reason.PROGRESSING,
+            f"rolling out the new configuration: {updated} of {total} environments updated",
+            ready,
+            desired,
+        )
+    if ready < min(provisioned, desired):
+        return (
+            False,
+            Reason.PROGRESSING,
+            f"waiting for provisioned environments: {ready} of {provisioned} ready; if this persists, check {pods}",
+            ready,
+            desired,
+        )
+    if desired == 0:
+        return True, Reason.READY, "scaled to zero; the first invocation starts an environment", ready, desired
+    return True, Reason.READY, f"{ready} of {desired} environments ready", ready, desired
+
+
+def build(
+    previous: Mapping[str, Any] | None,
+    *,
+    ok: bool,
+    reason: Reason,
+    message: str,
+    generation: int | None,
+    now: datetime.datetime,
+    code_sha256: str | None = None,
+    url: str | None = None,
+    ready: int | None = None,
+    desired: int | None = None,
+) -> dict[str, Any]:
+    """The whole ``.status`` to merge-patch; keys left None are not written."""
+    out: dict[str, Any] = {
+        "conditions": [
+            condition(ready_condition(previous), ok=ok, reason=reason, message=message, generation=generation, now=now)
+        ],
+        "observedGeneration": generation,
+    }
+    for key, value in (
+        ("codeSha256", code_sha256),
+        ("url", url),
+        ("readyInstances", ready),
+        ("desiredInstances", desired),
+    ):
+        if value is not None:
+            out[key] = value
+    FunctionStatus.model_validate(out)
+    return out
+
+
+def differs(current: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether writing ``new`` would change anything (avoids status writes that only bump versions)."""
+    current = current or {}
+    return any(current.get(key) != value for key, value in new.items())
