@@ -1,0 +1,487 @@
+"""One execution environment: the runtime process, the Runtime API state, the invocation in flight.
+
+The HTTP layer (:mod:`lambdalet_agent.server`) calls in from both sides: the caller side with
+:meth:`Environment.invoke`, the runtime side with :meth:`Environment.next_event`,
+:meth:`Environment.begin_result` / :meth:`Environment.finish` and :meth:`Environment.init_error`.
+Everything runs on one event loop; no locks are needed because no method awaits between a state check
+and the change it guards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from lambdalet_agent import report
+from lambdalet_agent.memory import MemoryLimiter
+from lambdalet_agent.metrics import Metrics
+from lambdalet_agent.process import RuntimeProcess
+from lambdalet_agent.runtimes import InvalidEntrypoint, RuntimeNotFound
+from lambdalet_agent.settings import Settings
+from lambdalet_agent.state import Phase, RuntimeState
+
+log = logging.getLogger("lambdalet.agent")
+
+JSON = "application/json"
+RESPONSE_LIMIT = 6 * 1024 * 1024 + 100  # 6,291,556 bytes, the Runtime API's limit
+REQUEST_LIMIT = 6 * 1024 * 1024  # 6,291,456 bytes, the Invoke API's limit
+
+
+class Busy(Exception):
+    """An invocation is already running in this environment (standard, one-at-a-time mode)."""
+
+
+def error_json(error_type: str, message: str) -> bytes:
+    return json.dumps({"errorType": error_type, "errorMessage": message}, separators=(",", ":")).encode()
+
+
+@dataclass(slots=True)
+class Event:
+    """What the caller sent."""
+
+    request_id: str
+    body: bytes
+    invoked_arn: str
+    content_type: str = JSON
+    trace_id: str | None = None
+    client_context: str | None = None
+    cognito_identity: str | None = None
+    want_tail: bool = False
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the caller gets: a buffered body, or a stream of chunks (streaming response mode)."""
+
+    body: bytes
+    content_type: str = JSON
+    error_type: str | None = None  # set for every failed invocation -> X-Amz-Function-Error: Unhandled
+    stream: asyncio.Queue[bytes | None] | None = None
+
+
+@dataclass(slots=True)
+class Invocation:
+    event: Event
+    result: asyncio.Future[Outcome]
+    finished: asyncio.Future[None]
+    accepted_at: float
+    tail: report.LogTail | None = None
+    delivered_at: float | None = None
+    deadline_at: float | None = None  # loop time
+    deadline_epoch_ms: int = 0
+    timer: asyncio.TimerHandle | None = None
+    init_duration_ms: float | None = None
+    duration_ms: float = 0.0
+    max_memory_mb: int = 0
+    reset: bool = False
+    streaming: bool = False
+    headers_extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InitFailure:
+    kind: str  # "posted" | "exit" | "timeout" | "entrypoint"
+    body: bytes = b""
+    content_type: str = JSON
+    error_type: str = "Runtime.Unknown"
+    returncode: int | None = None
+    message: str = ""
+
+    def render(self, request_id: str, init_timeout_s: float) -> Outcome:
+        if self.kind == "posted":
+            return Outcome(self.body, self.content_type, self.error_type)
+        if self.kind == "exit":
+            message = report.exit_error(request_id, self.returncode)
+            return Outcome(error_json("Runtime.ExitError", message), JSON, "Runtime.ExitError")
+        if self.kind == "timeout":
+            message = f"RequestId: {request_id} Error: Init timed out after {init_timeout_s:.2f} seconds"
+            return Outcome(error_json("Sandbox.Timedout", message), JSON, "Sandbox.Timedout")
+        message = f"RequestId: {request_id} Error: {self.message}"
+        return Outcome(error_json(self.error_type, message), JSON, self.error_type)
+
+
+class Environment:
+    def __init__(
+        self,
+        settings: Settings,
+        command: Callable[[], list[str]],
+        *,
+        limiter: MemoryLimiter,
+        metrics: Metrics,
+        out: BinaryIO,
+        base_env: Mapping[str, str],
+    ) -> None:
+        self.settings = settings
+        self._command = command
+        self.limiter = limiter
+        self.metrics = metrics
+        self._out = out
+        self._base_env = base_env
+        self.runtime_api_address = ""
+        self.state = RuntimeState()
+        self.process: RuntimeProcess | None = None
+        self._generation = 0
+        self._init_started = 0.0
+        self._init_timer: asyncio.TimerHandle | None = None
+        self.init_failure: InitFailure | None = None
+        self.init_duration_ms: float | None = None
+        self._report_init = settings.initialization_type != "provisioned-concurrency"
+        self._waiter: asyncio.Future[Invocation] | None = None
+        self.current: Invocation | None = None  # accepted, not finished (covers init wait and streaming)
+        self.running: Invocation | None = None  # delivered to the runtime, no result yet
+        self._flush_scheduled = False
+        self._closing = False
+        self._respawn_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ----------------------------------------------------------------------------------- lifecycle
+
+    def runtime_environment(self) -> dict[str, str]:
+        s = self.settings
+        env = dict(self._base_env)
+        env.update(s.user_env)
+        runtime = s.runtime or ""
+        env.update(
+            {
+                "_HANDLER": s.handler,
+                "AWS_LAMBDA_RUNTIME_API": self.runtime_api_address,
+                "AWS_LAMBDA_FUNCTION_NAME": s.function_name,
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(s.memory_mb),
+                "AWS_LAMBDA_FUNCTION_VERSION": s.function_version,
+                "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{s.function_name}",
+                "AWS_LAMBDA_LOG_STREAM_NAME": env.get("AWS_LAMBDA_LOG_STREAM_NAME")
+                or time.strftime("%Y/%m/%d/[$LATEST]", time.gmtime()) + os.urandom(16).hex(),
+                "LAMBDA_TASK_ROOT": s.code_dir,
+                "AWS_REGION": s.region,
+                "AWS_DEFAULT_REGION": env.get("AWS_DEFAULT_REGION", s.region),
+                "TZ": env.get("TZ", ":UTC"),
+                "AWS_LAMBDA_INITIALIZATION_TYPE": s.initialization_type,
+                "LANG": env.get("LANG", "en_US.UTF-8"),
+            }
+        )
+        if runtime and not runtime.startswith("provided"):
+            env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_{runtime}"
+        for name in ("AWS_LAMBDA_MAX_CONCURRENCY", "_X_AMZN_TRACE_ID"):
+            env.pop(name, None)
+        return env
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        self._generation += 1
+        generation = self._generation
+        self.state.restart()
+        self.init_failure = None
+        self.init_duration_ms = None
+        self._init_started = time.monotonic()
+        try:
+            argv = self._command()
+        except (InvalidEntrypoint, RuntimeNotFound) as exc:
+            error_type = "Runtime.InvalidEntrypoint"
+            self._fail_init(InitFailure("entrypoint", error_type=error_type, message=str(exc)))
+            return
+        try:
+            self.process = await RuntimeProcess.spawn(
+                argv,
+                env=self.runtime_environment(),
+                cwd=self.settings.code_dir,
+                sink=self._emit,
+                on_exit=lambda code: self._on_exit(generation, code),
+            )
+        except OSError as exc:
+            self.process = None
+            self._fail_init(InitFailure("entrypoint", error_type="Runtime.InvalidEntrypoint", message=str(exc)))
+            return
+        self.limiter.attach(self.process.pid)
+        loop = asyncio.get_running_loop()
+        self._init_timer = loop.call_later(self.settings.init_timeout_s, self._on_init_timeout, generation)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._respawn_task is not None:
+            self._respawn_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._respawn_task
+        if self.process is not None:
+            self.process.kill()
+            await self.process.wait(2.0)
+            self.process.close()
+        self.limiter.close()
+        if self.current is not None and not self.current.result.done():
+            self.current.result.set_result(Outcome(error_json("Sandbox.Failure", "environment shutting down")))
+        self._flush()
+
+    @property
+    def ready(self) -> bool:
+        """Init has finished (successfully or not) for the current runtime process."""
+        return self.state.phase not in (Phase.STARTED,) or self.init_failure is not None
+
+    def _reset(self, reason: str) -> None:
+        """Kill the runtime and start a new one (in the background; the caller is not kept waiting)."""
+        self.metrics.resets.labels(reason).inc()
+        self._generation += 1  # events of the old process are ignored from now on
+        if self._init_timer is not None:
+            self._init_timer.cancel()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
+        self._waiter = None
+        old = self.process
+        self.process = None
+        self.state.restart()
+        if old is not None:
+            old.kill()
+        self.limiter.kill_all()
+        self._report_init = True
+        if not self._closing:
+            self._respawn_task = asyncio.get_running_loop().create_task(self._respawn(old))
+
+    async def _respawn(self, old: RuntimeProcess | None) -> None:
+        if old is not None:
+            await old.wait(2.0)
+            old.close()
+        if not self._closing:
+            await self._spawn()
+            self._advance()
+
+    # ----------------------------------------------------------------------------------- logs
+
+    def _emit(self, line: bytes) -> None:
+        self._out.write(line)
+        inv = self.current
+        if inv is not None and inv.tail is not None and inv.delivered_at is not None:
+            inv.tail.add(line)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _emit_platform(self, text: str, inv: Invocation | None = None) -> None:
+        line = text.encode() + b"\n"
+        self._out.write(line)
+        if inv is not None and inv.tail is not None:
+            inv.tail.add(line)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        with contextlib.suppress(OSError, ValueError):
+            self._out.flush()
+
+    # ----------------------------------------------------------------------------------- caller side
+
+    def invoke(self, event: Event) -> Invocation:
+        """Accept an invocation (raises :class:`Busy`); await ``result`` then ``finished`` on it."""
+        if self.current is not None:
+            self.metrics.busy.inc()
+            raise Busy()
+        loop = asyncio.get_running_loop()
+        inv = Invocation(event, loop.create_future(), loop.create_future(), loop.time())
+        if event.want_tail:
+            inv.tail = report.LogTail()
+        self.current = inv
+        if self.state.phase is not Phase.STARTED:
+            # Init is over: the function timeout runs from now, even if the runtime is slow to call /next.
+            self._arm_timer(inv, loop)
+        self._advance()
+        return inv
+
+    def _arm_timer(self, inv: Invocation, loop: asyncio.AbstractEventLoop) -> None:
+        inv.deadline_at = loop.time() + self.settings.timeout_s
+        inv.timer = loop.call_at(inv.deadline_at, self._on_timeout, inv)
+
+    def _advance(self) -> None:
+        """Hand the accepted invocation to the runtime, or answer it with the stored init failure."""
+        inv = self.current
+        if inv is None or inv.delivered_at is not None or inv.result.done():
+            return
+        if self.init_failure is not None:
+            self._answer_init_failure(inv, self.init_failure)
+            return
+        if self.state.phase is Phase.READY and self._waiter is not None and not self._waiter.done():
+            self._deliver(inv)
+
+    def _deliver(self, inv: Invocation) -> None:
+        loop = asyncio.get_running_loop()
+        cold = self.state.deliver(inv.event.request_id)
+        if cold and self._report_init:
+            inv.init_duration_ms = self.init_duration_ms
+        self._report_init = True
+        now = loop.time()
+        inv.delivered_at = now
+        if inv.timer is None:
+            self._arm_timer(inv, loop)
+        assert inv.deadline_at is not None
+        inv.deadline_epoch_ms = int(time.time() * 1000 + (inv.deadline_at - now) * 1000)
+        self.running = inv
+        if self.process is not None:
+            self.limiter.reset_peak(self.process.pid)
+        self._emit_platform(report.start_line(inv.event.request_id, self.settings.function_version), inv)
+        assert self._waiter is not None
+        self._waiter.set_result(inv)
+        self._waiter = None
+
+    def _answer_init_failure(self, inv: Invocation, failure: InitFailure) -> None:
+        loop = asyncio.get_running_loop()
+        request_id = inv.event.request_id
+        inv.delivered_at = loop.time()
+        if inv.timer is not None:
+            inv.timer.cancel()
+        init_ms = (loop.time() - self._init_started) * 1000 if self.init_duration_ms is None else self.init_duration_ms
+        inv.init_duration_ms = init_ms
+        outcome = failure.render(request_id, self.settings.init_timeout_s)
+        self._emit_platform(
+            f"INIT_REPORT Init Duration: {init_ms:.2f} ms\tPhase: init\tStatus: error"
+            f"\tError Type: {outcome.error_type}",
+        )
+        self._emit_platform(report.start_line(request_id, self.settings.function_version), inv)
+        inv.reset = True
+        self._complete(inv, outcome, peak=0)
+        self._reset("init_error")
+
+    def _complete(self, inv: Invocation, outcome: Outcome, *, peak: int | None = None) -> None:
+        """Write END and REPORT, set the caller's result (buffered outcomes) and finish."""
+        loop = asyncio.get_running_loop()
+        if inv.timer is not None:
+            inv.timer.cancel()
+        if self.running is inv:
+            self.running = None
+        start = inv.delivered_at if inv.delivered_at is not None else inv.accepted_at
+        inv.duration_ms = (loop.time() - start) * 1000
+        if peak is None:
+            peak = self.limiter.peak_bytes(self.process.pid) if self.process is not None else 0
+        inv.max_memory_mb = min(report.memory_mb(peak), self.settings.memory_mb) if peak else 0
+        request_id = inv.event.request_id
+        self._emit_platform(report.end_line(request_id), inv)
+        self._emit_platform(
+            report.report_line(
+                request_id,
+                duration_ms=inv.duration_ms,
+                memory_size_mb=self.settings.memory_mb,
+                max_memory_used_mb=inv.max_memory_mb,
+                init_duration_ms=inv.init_duration_ms,
+            ),
+            inv,
+        )
+        self._flush()
+        m = self.metrics
+        m.duration.observe(inv.duration_ms / 1000)
+        if inv.init_duration_ms is not None:
+            m.init_duration.observe(inv.init_duration_ms / 1000)
+        if outcome.error_type is None:
+            m.invocations.labels("success").inc()
+        else:
+            m.invocations.labels("error").inc()
+            m.errors.labels(outcome.error_type).inc()
+        if not inv.result.done():
+            inv.result.set_result(outcome)
+        if not inv.finished.done():
+            inv.finished.set_result(None)
+        if self.current is inv:
+            self.current = None
+
+    def _on_timeout(self, inv: Invocation) -> None:
+        if inv.finished.done():
+            return
+        request_id = inv.event.request_id
+        timeout_s = self.settings.timeout_s
+        self._emit_platform(report.timeout_log_line(request_id, timeout_s, time.time()), inv)
+        inv.reset = True
+        outcome = Outcome(
+            error_json("Sandbox.Timedout", report.timeout_error(request_id, timeout_s)), JSON, "Sandbox.Timedout"
+        )
+        if inv.streaming and inv.result.done():
+            queue = inv.result.result().stream
+            if queue is not None:
+                queue.put_nowait(None)
+        peak = self.limiter.peak_bytes(self.process.pid) if self.process is not None else 0
+        self._complete(inv, outcome, peak=peak)
+        self._reset("timeout")
+
+    def _on_init_timeout(self, generation: int) -> None:
+        if generation != self._generation or self.state.phase is not Phase.STARTED:
+            return
+        self._init_timer = None
+        if self.process is not None:
+            self.process.kill()
+        self._fail_init(InitFailure("timeout"))
+
+    def _fail_init(self, failure: InitFailure) -> None:
+        if self._init_timer is not None:
+            self._init_timer.cancel()
+            self._init_timer = None
+        if self.init_failure is None:
+            self.init_failure = failure
+        self._advance()
+
+    def _on_exit(self, generation: int, returncode: int | None) -> None:
+        if generation != self._generation or self._closing:
+            return
+        phase = self.state.phase
+        if phase is Phase.STARTED:
+            self._fail_init(InitFailure("exit", returncode=returncode))
+        elif phase is Phase.INIT_ERROR:
+            self._advance()
+        elif phase is Phase.RUNNING and self.running is not None:
+            inv = self.running
+            request_id = inv.event.request_id
+            inv.reset = True
+            message = report.exit_error(request_id, returncode)
+            self._emit_platform(message, inv)
+            outcome = Outcome(error_json("Runtime.ExitError", message), JSON, "Runtime.ExitError")
+            if inv.streaming and inv.result.done():
+                queue = inv.result.result().stream
+                if queue is not None:
+                    queue.put_nowait(None)
+            self._complete(inv, outcome)
+            self._reset("exit")
+        else:
+            # Died while idle (or between /response and /next): start a fresh one.
+            self._reset("exit")
+
+    # ----------------------------------------------------------------------------------- runtime side
+
+    async def next_event(self) -> Invocation:
+        """``GET /next``: raises :class:`~lambdalet_agent.state.InvalidStateTransition` when not allowed."""
+        first = self.state.next()
+        loop = asyncio.get_running_loop()
+        if first:
+            self.init_duration_ms = (time.monotonic() - self._init_started) * 1000
+            if self._init_timer is not None:
+                self._init_timer.cancel()
+                self._init_timer = None
+        waiter: asyncio.Future[Invocation] = loop.create_future()
+        self._waiter = waiter
+        self._advance()
+        return await waiter
+
+    def begin_result(self, request_id: str, *, error: bool) -> Invocation:
+        """Validate a ``/response`` or ``/error`` before its body is read (raises RuntimeApiError)."""
+        self.state.check_result(request_id, error=error)
+        assert self.running is not None
+        return self.running
+
+    def finish(self, inv: Invocation, outcome: Outcome) -> None:
+        """The runtime's result for ``inv`` is complete."""
+        if inv.finished.done() or self.running is not inv:
+            return
+        self.state.result(inv.event.request_id, error=outcome.error_type is not None)
+        self._complete(inv, outcome)
+
+    def start_stream(self, inv: Invocation, content_type: str) -> asyncio.Queue[bytes | None]:
+        """Streaming response mode: the caller starts receiving chunks now."""
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+        inv.streaming = True
+        inv.result.set_result(Outcome(b"", content_type, None, queue))
+        return queue
+
+    def init_error(self, body: bytes, content_type: str, error_type: str) -> None:
+        """``POST /init/error`` (raises InvalidStateTransition after init)."""
+        self.state.init_error()
+        self._fail_init(InitFailure("posted", body=body, content_type=content_type, error_type=error_type))

@@ -1,0 +1,143 @@
+"""Memory limit and peak measurement for the runtime's processes.
+
+Two mechanisms, chosen once at startup by :func:`create_limiter`:
+
+- :class:`CgroupV1Limiter` (preferred): a child memory cgroup under the agent's own one
+  (``/sys/fs/cgroup/memory/<agent's cgroup>/lambdalet-<pid>``) with ``memory.limit_in_bytes`` (and
+  ``memory.memsw.limit_in_bytes`` when swap accounting exists) set to ``memoryMB``. Every runtime process
+  is moved into it right after it is spawned; the kernel's OOM killer SIGKILLs the tree when it goes over,
+  which the agent reports as ``Runtime.ExitError`` (``signal: killed``). Max Memory Used is
+  ``memory.max_usage_in_bytes``, reset at the start of every invocation (one read and one write per
+  invocation, no polling).
+- :class:`RlimitLimiter` (fallback when the cgroup hierarchy is not writable, e.g. an unprivileged
+  pod): ``RLIMIT_DATA`` = ``memoryMB`` on the runtime's main process via ``prlimit`` (it caps heap and
+  private anonymous mappings, so allocations fail with MemoryError/ENOMEM instead of a kill; thread stacks
+  count against it). Max Memory Used is ``VmHWM`` (the kernel's peak RSS) of the runtime's main process,
+  reset per invocation through ``/proc/<pid>/clear_refs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+from pathlib import Path
+from typing import Protocol
+
+MIB = 1024 * 1024
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+class MemoryLimiter(Protocol):
+    mechanism: str
+
+    def attach(self, pid: int) -> None:
+        """Put a freshly spawned runtime process under the limit."""
+
+    def reset_peak(self, pid: int) -> None:
+        """Start a new peak measurement (at the start of an invocation)."""
+
+    def peak_bytes(self, pid: int) -> int:
+        """Peak memory since the last reset."""
+
+    def kill_all(self) -> None:
+        """SIGKILL every process under the limit (processes that left the runtime's process group)."""
+
+    def close(self) -> None: ...
+
+
+def _own_cgroup_v1_path() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                return path
+    return "/"
+
+
+class CgroupV1Limiter:
+    mechanism = "cgroup-v1"
+
+    def __init__(self, memory_mb: int, root: Path = CGROUP_V1_MEMORY) -> None:
+        base = root / _own_cgroup_v1_path().lstrip("/")
+        if not (base / "cgroup.procs").exists():
+            base = root
+        self.path = base / f"lambdalet-{os.getpid()}"
+        self.path.mkdir(exist_ok=True)
+        limit = str(memory_mb * MIB)
+        (self.path / "memory.limit_in_bytes").write_text(limit)
+        memsw = self.path / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            with contextlib.suppress(OSError):
+                memsw.write_text(limit)
+        with contextlib.suppress(OSError):
+            # Charges of a process move with it, so memory touched before attach() is counted too.
+            (self.path / "memory.move_charge_at_immigrate").write_text("3")
+        self._procs = self.path / "cgroup.procs"
+        self._max_usage = self.path / "memory.max_usage_in_bytes"
+
+    def attach(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            self._procs.write_text(str(pid))
+
+    def reset_peak(self, pid: int) -> None:
+        with contextlib.suppress(OSError):
+            self._max_usage.write_text("0")
+
+    def peak_bytes(self, pid: int) -> int:
+        try:
+            return int(self._max_usage.read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def kill_all(self) -> None:
+        with contextlib.suppress(OSError):
+            for text in self._procs.read_text().split():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(text), signal.SIGKILL)
+
+    def close(self) -> None:
+        self.kill_all()
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+
+class RlimitLimiter:
+    mechanism = "rlimit"
+
+    def __init__(self, memory_mb: int) -> None:
+        self.limit = memory_mb * MIB
+
+    def attach(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            resource.prlimit(pid, resource.RLIMIT_DATA, (self.limit, self.limit))
+
+    def reset_peak(self, pid: int) -> None:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+    def peak_bytes(self, pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def kill_all(self) -> None:
+        """Nothing beyond the process group, which the supervisor kills."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def create_limiter(memory_mb: int) -> MemoryLimiter:
+    """A cgroup when this process may create one, else the rlimit fallback."""
+    if CGROUP_V1_MEMORY.is_dir() and os.access(CGROUP_V1_MEMORY, os.W_OK):
+        try:
+            return CgroupV1Limiter(memory_mb)
+        except OSError:
+            pass
+    return RlimitLimiter(memory_mb)

@@ -1,0 +1,359 @@
+"""lambdalet's Python runtime: the client side of the Lambda Runtime API, standard library only.
+
+Started as ``python bootstrap.py`` with Lambda's environment (``_HANDLER``, ``AWS_LAMBDA_RUNTIME_API``,
+``LAMBDA_TASK_ROOT``, ...). It imports the handler ``module.function`` (dotted packages and ``dir/module``
+allowed), then loops: ``GET /next`` -> call the handler -> ``POST /response`` or ``POST /error``.
+Errors have the shape AWS's Python runtime gives them (``errorMessage``, ``errorType``, ``requestId``,
+``stackTrace`` with this file's frames trimmed); init failures are posted to ``/init/error`` and the
+process exits. It is on the cold-start path, so it imports only ``json`` and ``http.client`` up front.
+"""
+
+# Cold start: pathlib costs several ms to import, so os.path is used; imports needed only on error paths
+# or by some functions (traceback, importlib, logging) are deferred to where they are needed.
+# ruff: noqa: PTH100, PTH109, PTH120, PLC0415
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import sys
+import time
+
+RUNTIME_API_VERSION = "2018-06-01"
+ERROR_TYPE_HEADER = "Lambda-Runtime-Function-Error-Type"
+ERROR_CONTENT_TYPE = "application/vnd.aws.lambda.error+json"
+BOOTSTRAP_FILE = os.path.abspath(__file__)
+
+_request_id = ""
+# AWS's Python runtime writes non-ASCII characters as is from python3.12 on, escaped before.
+_ENSURE_ASCII = os.environ.get("AWS_EXECUTION_ENV", "") in ("", "AWS_Lambda_python3.11", "AWS_Lambda_python3.10")
+_encode = json.JSONEncoder(ensure_ascii=_ENSURE_ASCII, allow_nan=True).encode
+
+
+class FaultError(Exception):
+    """A Runtime.* error detected by the runtime itself."""
+
+    def __init__(self, error_type: str, message: str, trace: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.trace = trace or []
+
+
+# ---------------------------------------------------------------------------------------- Runtime API
+
+
+class RuntimeClient:
+    """One persistent HTTP/1.1 connection to the Runtime API."""
+
+    def __init__(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        self._host = host
+        self._port = int(port)
+        self._conn = http.client.HTTPConnection(host, self._port)
+        self._prefix = f"/{RUNTIME_API_VERSION}/runtime"
+
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> http.client.HTTPResponse:
+        for attempt in (0, 1):
+            try:
+                self._conn.request(method, self._prefix + path, body=body, headers=headers or {})
+                return self._conn.getresponse()
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.CannotSendRequest):
+                self._conn.close()
+                self._conn = http.client.HTTPConnection(self._host, self._port)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def next(self) -> tuple[bytes, http.client.HTTPMessage]:
+        response = self._request("GET", "/invocation/next")
+        body = response.read()
+        if response.status != 200:
+            raise SystemExit(f"Runtime API /next failed: {response.status} {body[:200]!r}")
+        return body, response.headers
+
+    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> None:
+        response = self._request("POST", path, body, headers)
+        data = response.read()
+        if response.status >= 500:
+            raise SystemExit(f"Runtime API {path} failed: {response.status} {data[:200]!r}")
+        if response.status != 202:
+            print(f"Runtime API {path}: {response.status} {data.decode(errors='replace')}", file=sys.stderr)
+
+    def respond(self, request_id: str, body: bytes, content_type: str) -> None:
+        self._post(f"/invocation/{request_id}/response", body, {"Content-Type": content_type})
+
+    def fail(self, request_id: str, error: dict[str, object]) -> None:
+        headers = {"Content-Type": ERROR_CONTENT_TYPE, ERROR_TYPE_HEADER: str(error["errorType"])}
+        self._post(f"/invocation/{request_id}/error", _encode(error).encode(), headers)
+
+    def init_error(self, error: dict[str, object]) -> None:
+        headers = {"Content-Type": ERROR_CONTENT_TYPE, ERROR_TYPE_HEADER: str(error["errorType"])}
+        self._post("/init/error", _encode(error).encode(), headers)
+
+
+# ---------------------------------------------------------------------------------------- context
+
+
+class _Record:
+    """A plain attribute bag (the shape of AWS's ClientContext, Client and CognitoIdentity)."""
+
+    def __init__(self, **fields: object) -> None:
+        self.__dict__.update(fields)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.__dict__!r})"
+
+
+class ClientContext(_Record):
+    client: object = None
+    custom: object = None
+    env: object = None
+
+
+class Client(_Record):
+    installation_id: object = None
+    app_title: object = None
+    app_version_name: object = None
+    app_version_code: object = None
+    app_package_name: object = None
+
+
+class CognitoIdentity(_Record):
+    cognito_identity_id: object = None
+    cognito_identity_pool_id: object = None
+
+
+class LambdaContext:
+    """The ``context`` argument of a handler, with the attributes of AWS's Python runtime."""
+
+    def __init__(
+        self,
+        request_id: str,
+        deadline_ms: int,
+        invoked_function_arn: str | None,
+        client_context: dict[str, object] | None,
+        cognito_identity: dict[str, object] | None,
+    ) -> None:
+        env = os.environ
+        self.aws_request_id = request_id
+        self.log_group_name = env.get("AWS_LAMBDA_LOG_GROUP_NAME")
+        self.log_stream_name = env.get("AWS_LAMBDA_LOG_STREAM_NAME")
+        self.function_name = env.get("AWS_LAMBDA_FUNCTION_NAME")
+        self.memory_limit_in_mb = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+        self.function_version = env.get("AWS_LAMBDA_FUNCTION_VERSION")
+        self.invoked_function_arn = invoked_function_arn
+        self.client_context: ClientContext | None = None
+        if client_context is not None:
+            self.client_context = ClientContext(**{k: v for k, v in client_context.items() if isinstance(k, str)})
+            client = client_context.get("client")
+            if isinstance(client, dict):
+                self.client_context.client = Client(**client)
+        self.identity = CognitoIdentity()
+        if cognito_identity is not None:
+            self.identity.cognito_identity_id = cognito_identity.get("cognitoIdentityId")
+            self.identity.cognito_identity_pool_id = cognito_identity.get("cognitoIdentityPoolId")
+        self._deadline_ms = deadline_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, self._deadline_ms - int(time.time() * 1000))
+
+    def __repr__(self) -> str:
+        return (
+            f"LambdaContext([aws_request_id={self.aws_request_id},function_name={self.function_name},"
+            f"function_version={self.function_version},invoked_function_arn={self.invoked_function_arn}])"
+        )
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+def _error(message: str, error_type: str, trace: list[str], request_id: str | None = None) -> dict[str, object]:
+    return {"errorMessage": message, "errorType": error_type, "requestId": request_id or "", "stackTrace": trace}
+
+
+def _user_frames(exc: BaseException) -> list[str]:
+    """The formatted traceback of ``exc`` without this bootstrap's own leading frames."""
+    import traceback  # only on the error path
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    for index, frame in enumerate(frames):
+        if frame.filename != BOOTSTRAP_FILE:
+            frames = traceback.StackSummary.from_list(list(frames)[index:])
+            break
+    else:
+        frames = traceback.StackSummary.from_list([])
+    return traceback.format_list(frames)
+
+
+def _log_error(error: dict[str, object]) -> None:
+    lines = [
+        f"[ERROR] {error['errorType']}: {error['errorMessage']}"
+        if error["errorMessage"]
+        else f"[ERROR] {error['errorType']}"
+    ]
+    trace = error.get("stackTrace")
+    if isinstance(trace, list):
+        lines.append("Traceback (most recent call last):")
+        for element in trace:
+            lines.extend(str(element).splitlines())
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- handler
+
+
+def load_handler(handler: str) -> object:
+    module_name, dot, function_name = handler.rpartition(".")
+    if not dot or not module_name or not function_name:
+        raise FaultError(
+            "Runtime.MalformedHandlerName", f"Bad handler '{handler}': not enough values to unpack (expected 2, got 1)"
+        )
+    module_path = module_name.replace("/", ".")
+    top = module_path.split(".")[0]
+    if top in sys.builtin_module_names:
+        raise FaultError(
+            "Runtime.BuiltInModuleConflict", f"Cannot use built-in module {module_name} as a handler module"
+        )
+    if top in sys.stdlib_module_names:
+        raise FaultError(
+            "Runtime.ImportModuleError",
+            f"Unable to import module '{module_name}': the handler module '{top}' has the name of a Python "
+            f"standard library module, which it would shadow; rename it (for example to '{top}_handler.py') "
+            "and update the handler setting",
+        )
+    import importlib
+
+    try:
+        module = importlib.import_module(module_path)
+    except ImportError as exc:
+        raise FaultError("Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}") from None
+    except SyntaxError as exc:
+        trace = [f'  File "{exc.filename}" Line {exc.lineno}\n    {exc.text}']
+        raise FaultError(
+            "Runtime.UserCodeSyntaxError", f"Syntax error in module '{module_name}': {exc}", trace
+        ) from None
+    try:
+        return getattr(module, function_name)
+    except AttributeError:
+        raise FaultError(
+            "Runtime.HandlerNotFound", f"Handler '{function_name}' missing on module '{module_name}'"
+        ) from None
+
+
+def _install_logging() -> None:
+    """When the function uses ``logging``, give the root logger the handler AWS's runtime installs."""
+    if "logging" not in sys.modules:
+        return
+    import logging
+
+    root = logging.getLogger()
+    if root.handlers:
+        return
+
+    class _RequestId(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.aws_request_id = _request_id
+            return True
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        logging.Formatter(
+            "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+    )
+    logging.Formatter.converter = time.gmtime
+    handler.addFilter(_RequestId())
+    root.addHandler(handler)
+
+
+def _json_header(value: str | None, name: str) -> dict[str, object] | None:
+    if not value:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise FaultError("Runtime.LambdaContextUnmarshalError", f"Unable to parse {name} JSON: {exc}") from None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def handle(client: RuntimeClient, handler: object, body: bytes, headers: http.client.HTTPMessage) -> None:
+    global _request_id
+    request_id = headers.get("Lambda-Runtime-Aws-Request-Id", "")
+    _request_id = request_id
+    trace_id = headers.get("Lambda-Runtime-Trace-Id")
+    if trace_id:
+        os.environ["_X_AMZN_TRACE_ID"] = trace_id
+    else:
+        os.environ.pop("_X_AMZN_TRACE_ID", None)
+    try:
+        context = LambdaContext(
+            request_id,
+            int(headers.get("Lambda-Runtime-Deadline-Ms") or 0),
+            headers.get("Lambda-Runtime-Invoked-Function-Arn"),
+            _json_header(headers.get("Lambda-Runtime-Client-Context"), "Client Context"),
+            _json_header(headers.get("Lambda-Runtime-Cognito-Identity"), "Cognito Identity"),
+        )
+        content_type = headers.get("Content-Type") or "application/json"
+        if content_type == "application/json":
+            try:
+                event = json.loads(body)
+            except ValueError as exc:
+                raise FaultError("Runtime.UnmarshalError", f"Unable to unmarshal input: {exc}") from None
+        else:
+            event = body
+        result = handler(event, context)  # type: ignore[operator]
+        if isinstance(result, bytes):
+            payload, result_type = result, "application/unknown"
+        else:
+            try:
+                payload, result_type = _encode(result).encode(), "application/json"
+            except (TypeError, ValueError) as exc:
+                raise FaultError("Runtime.MarshalError", f"Unable to marshal response: {exc}") from None
+    except FaultError as fault:
+        error = _error(fault.message, fault.error_type, fault.trace, request_id)
+    except Exception as exc:
+        error = _error(str(exc), type(exc).__name__, _user_frames(exc), request_id)
+    else:
+        client.respond(request_id, payload, result_type)
+        return
+    _log_error(error)
+    client.fail(request_id, error)
+
+
+def main() -> int:
+    # Unbuffered output: the agent frames the function's lines per invocation as they arrive.
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
+    )
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
+    )
+    client = RuntimeClient(os.environ["AWS_LAMBDA_RUNTIME_API"])
+    task_root = os.environ.get("LAMBDA_TASK_ROOT") or os.getcwd()
+    # The function's code, not this file's folder, comes first on the import path.
+    here = os.path.dirname(BOOTSTRAP_FILE)
+    sys.path[:] = [task_root] + [p for p in sys.path if p not in (here, "", task_root)]
+    error: dict[str, object] | None = None
+    try:
+        handler = load_handler(os.environ.get("_HANDLER", ""))
+        _install_logging()
+    except FaultError as fault:
+        error = _error(fault.message, fault.error_type, fault.trace)
+    except Exception as exc:
+        error = _error(str(exc), type(exc).__name__, _user_frames(exc))
+    if error is not None:
+        _log_error(error)
+        client.init_error(error)
+        return 1
+    while True:
+        body, headers = client.next()
+        handle(client, handler, body, headers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
