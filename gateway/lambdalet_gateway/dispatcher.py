@@ -1,0 +1,530 @@
+"""The invocation core: admission, environment pools, the wait queue, forwarding to agents.
+
+``Dispatcher.invoke(name, payload, request_id=...)`` is what every entry point calls (the Invoke API,
+the HTTP routes, and the async worker): it admits the invocation against the function's reserved
+concurrency and the platform's limit (raising :class:`~lambdalet_gateway.errors.Throttled`), takes an
+idle environment or waits in a bounded queue while one starts, forwards the payload to that environment's
+agent over a pooled keep-alive connection, and returns an :class:`InvocationResult`.
+
+One invocation per environment: an environment is either idle (in its function's idle stack), busy
+(handed to exactly one invocation) or starting. The scaling decision is
+:func:`lambdalet_gateway.autoscaler.decide`, applied through a :class:`~lambdalet_gateway.backend.Backend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from lambdalet.names import function_arn
+from lambdalet.spec import Function
+
+from .autoscaler import Decision, EnvironmentView, Observations, ScalingSpec, decide
+from .backend import Backend, Environment, EnvironmentId, StartError
+from .errors import (
+    ACCOUNT_LIMIT,
+    RATE_LIMIT,
+    RESERVED_LIMIT,
+    LambdaError,
+    ResourceNotReady,
+    ServiceError,
+    Throttled,
+    not_found,
+)
+from .metrics import FunctionMetrics, Metrics, PoolSnapshot
+from .settings import Settings
+
+log = logging.getLogger("lambdalet.gateway.dispatcher")
+
+LATEST = "$LATEST"
+
+
+@dataclass(frozen=True, slots=True)
+class InvocationResult:
+    """What an invocation returned: the payload, and the metadata Lambda sends as headers."""
+
+    request_id: str
+    payload: bytes
+    content_type: str
+    #: ``Unhandled`` (or ``Handled``) when the function or its runtime failed.
+    function_error: str | None = None
+    #: Base64 of the log tail, when asked for.
+    log_result: str | None = None
+    executed_version: str = LATEST
+    duration_ms: float | None = None
+    billed_duration_ms: float | None = None
+    init_duration_ms: float | None = None
+
+
+class _Pool:
+    """One function's environments and waiters."""
+
+    def __init__(self, function: Function, metrics: FunctionMetrics, region: str, account: str) -> None:
+        self.function = function
+        self.metrics = metrics
+        self.arn = function_arn(function.name, region=region, account=account)
+        self.generation = 0
+        self.revision = ""
+        self.removed = False
+        self.in_flight = 0
+        self.idle_provisioned: list[Environment] = []
+        self.idle_on_demand: list[Environment] = []
+        self.idle_since: dict[EnvironmentId, float] = {}
+        self.busy: dict[EnvironmentId, Environment] = {}
+        self.starting_on_demand = 0
+        self.starting_provisioned = 0
+        self.waiters: deque[asyncio.Future[Environment]] = deque()
+        self.timeout = aiohttp.ClientTimeout(total=function.spec.timeoutSeconds + 30)
+
+    @property
+    def reserved(self) -> int | None:
+        return self.function.spec.reservedConcurrency
+
+    def environments(self) -> Iterator[Environment]:
+        yield from self.idle_provisioned
+        yield from self.idle_on_demand
+        yield from self.busy.values()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: Settings,
+        metrics: Metrics,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self._backend = backend
+        self._settings = settings
+        self._metrics = metrics
+        self._session = session
+        self._pools: dict[str, _Pool] = {}
+        self._unreserved_in_flight = 0
+        self._unreserved_limit = settings.concurrency_limit
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        metrics.watch(self.snapshots)
+
+    # ---- functions -------------------------------------------------------------------------------
+
+    def function(self, name: str) -> Function | None:
+        pool = self._pools.get(name)
+        return pool.function if pool is not None else None
+
+    def functions(self) -> list[Function]:
+        return [pool.function for pool in self._pools.values()]
+
+    @property
+    def account_id(self) -> str:
+        return self._settings.account_id
+
+    def arn(self, name: str, qualifier: str | None = None) -> str:
+        return function_arn(name, region=self._settings.region, account=self._settings.account_id, qualifier=qualifier)
+
+    def set_functions(self, functions: Mapping[str, Function], revisions: Mapping[str, str] | None = None) -> None:
+        """Serve exactly these functions: add new ones, restart changed ones, drain removed ones.
+
+        ``revisions`` (name to an opaque string) marks code changes the spec does not show.
+        """
+        revisions = revisions or {}
+        for name in list(self._pools):
+            if name not in functions:
+                self._remove(self._pools.pop(name))
+        for name, function in functions.items():
+            pool = self._pools.get(name)
+            if pool is None:
+                pool = _Pool(function, self._metrics.function(name), self._settings.region, self._settings.account_id)
+                pool.revision = revisions.get(name, "")
+                self._pools[name] = pool
+            elif pool.function != function or pool.revision != revisions.get(name, ""):
+                pool.function = function
+                pool.revision = revisions.get(name, "")
+                pool.generation += 1
+                pool.timeout = aiohttp.ClientTimeout(total=function.spec.timeoutSeconds + 30)
+                self._retire_idle(pool)
+        reserved = sum(p.reserved or 0 for p in self._pools.values())
+        self._unreserved_limit = max(0, self._settings.concurrency_limit - reserved)
+        if reserved > self._settings.concurrency_limit:
+            log.warning(
+                "reserved concurrency (%d in total) exceeds the concurrency limit (%d): "
+                "functions without a reservation are throttled",
+                reserved,
+                self._settings.concurrency_limit,
+            )
+        for pool in self._pools.values():
+            self._scale(pool)
+
+    def _remove(self, pool: _Pool) -> None:
+        pool.removed = True
+        while pool.waiters:
+            waiter = pool.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(not_found(pool.arn))
+        self._retire_idle(pool)
+
+    # ---- admission and invocation ----------------------------------------------------------------
+
+    def admit_check(self, name: str) -> Function:
+        """What ``DryRun`` validates: the function exists and is not throttled to zero."""
+        pool = self._pools.get(name)
+        if pool is None:
+            raise not_found(self.arn(name))
+        if pool.reserved == 0:
+            raise Throttled(RESERVED_LIMIT)
+        return pool.function
+
+    async def invoke(
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        request_id: str,
+        client_context: str | None = None,
+        log_tail: bool = False,
+        invoked_arn: str | None = None,
+        trace_id: str | None = None,
+    ) -> InvocationResult:
+        """Run one invocation synchronously; raise a :class:`LambdaError` (``Throttled`` when refused)."""
+        pool = self._pools.get(name)
+        if pool is None:
+            raise not_found(self.arn(name), request_id=request_id)
+        reserved = pool.reserved
+        if reserved is not None:
+            if pool.in_flight >= reserved:
+                pool.metrics.throttled(RESERVED_LIMIT)
+                raise Throttled(RESERVED_LIMIT, request_id=request_id)
+        elif self._unreserved_in_flight >= self._unreserved_limit:
+            pool.metrics.throttled(ACCOUNT_LIMIT)
+            raise Throttled(ACCOUNT_LIMIT, request_id=request_id)
+        pool.in_flight += 1
+        if reserved is None:
+            self._unreserved_in_flight += 1
+        try:
+            env = self._take_idle(pool)
+            if env is None:
+                env = await self._wait(pool, request_id)
+            try:
+                result = await self._forward(
+                    pool,
+                    env,
+                    payload,
+                    request_id=request_id,
+                    client_context=client_context,
+                    log_tail=log_tail,
+                    invoked_arn=invoked_arn,
+                    trace_id=trace_id,
+                )
+            except BaseException:
+                pool.busy.pop(env.id, None)
+                self._discard(env)
+                raise
+            self._release(pool, env)
+            return result
+        except StartError as exc:
+            if not exc.function_error:
+                pool.metrics.outcomes["error"].inc()
+                raise ServiceError(str(exc), request_id=request_id) from exc
+            pool.metrics.outcomes["function_error"].inc()
+            body = json.dumps({"errorMessage": str(exc), "errorType": exc.error_type, "stackTrace": []}).encode()
+            return InvocationResult(request_id, body, "application/json", function_error="Unhandled")
+        except LambdaError as exc:
+            exc.request_id = request_id
+            if not isinstance(exc, Throttled):
+                pool.metrics.outcomes["error"].inc()
+            raise
+        finally:
+            pool.in_flight -= 1
+            if reserved is None:
+                self._unreserved_in_flight -= 1
+
+    def _take_idle(self, pool: _Pool) -> Environment | None:
+        if pool.idle_provisioned:
+            env = pool.idle_provisioned.pop()
+        elif pool.idle_on_demand:
+            env = pool.idle_on_demand.pop()
+        else:
+            return None
+        pool.busy[env.id] = env
+        return env
+
+    async def _wait(self, pool: _Pool, request_id: str) -> Environment:
+        if len(pool.waiters) >= self._settings.queue_size:
+            pool.metrics.throttled(RATE_LIMIT)
+            raise Throttled(RATE_LIMIT, request_id=request_id)
+        waiter: asyncio.Future[Environment] = self._loop.create_future()
+        pool.waiters.append(waiter)
+        timeout = self._settings.queue_timeout_s
+        expiry = self._loop.call_later(timeout, _expire, waiter, timeout, pool.function.name)
+        self._scale(pool)
+        try:
+            env = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(pool, waiter.result())
+            raise
+        finally:
+            expiry.cancel()
+            if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
+                with contextlib.suppress(ValueError):
+                    pool.waiters.remove(waiter)
+        return env
+
+    async def _forward(
+        self,
+        pool: _Pool,
+        env: Environment,
+        payload: bytes,
+        *,
+        request_id: str,
+        client_context: str | None,
+        log_tail: bool,
+        invoked_arn: str | None,
+        trace_id: str | None,
+    ) -> InvocationResult:
+        headers = {
+            "Content-Type": "application/json",
+            "X-Lambdalet-Request-Id": request_id,
+            "X-Lambdalet-Invoked-Function-Arn": invoked_arn or pool.arn,
+        }
+        if client_context:
+            headers["X-Amz-Client-Context"] = client_context
+        if log_tail:
+            headers["X-Amz-Log-Type"] = "Tail"
+        if trace_id:
+            headers["X-Amzn-Trace-Id"] = trace_id
+        try:
+            async with self._session.post(env.invoke_url, data=payload, headers=headers, timeout=pool.timeout) as resp:
+                body = await resp.read()
+                status = resp.status
+                rh = resp.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ServiceError(f"the execution environment failed: {exc!r}") from exc
+        if status != 200:
+            raise ServiceError(f"the execution environment answered {status}: {body[:500]!r}")
+        metrics = pool.metrics
+        function_error = rh.get("X-Amz-Function-Error")
+        duration = _ms(rh.get("X-Lambdalet-Duration-Ms"))
+        billed = _ms(rh.get("X-Lambdalet-Billed-Duration-Ms"))
+        init = _ms(rh.get("X-Lambdalet-Init-Duration-Ms"))
+        (metrics.outcomes["function_error"] if function_error else metrics.outcomes["success"]).inc()
+        if duration is not None:
+            metrics.duration.observe(duration / 1000)
+        if init is not None:
+            metrics.cold_starts.inc()
+            metrics.init_duration.observe(init / 1000)
+        if billed is not None:
+            metrics.billed_gb_seconds.inc(billed / 1000 * pool.function.spec.memoryMB / 1024)
+        return InvocationResult(
+            request_id=request_id,
+            payload=body,
+            content_type=rh.get("Content-Type", "application/json"),
+            function_error=function_error,
+            log_result=rh.get("X-Amz-Log-Result"),
+            executed_version=rh.get("X-Amz-Executed-Version", LATEST),
+            duration_ms=duration,
+            billed_duration_ms=billed,
+            init_duration_ms=init,
+        )
+
+    # ---- environments ----------------------------------------------------------------------------
+
+    def _release(self, pool: _Pool, env: Environment) -> None:
+        pool.busy.pop(env.id, None)
+        if pool.removed or env.generation != pool.generation or self._closed:
+            self._discard(env)
+            return
+        self._give(pool, env)
+
+    def _give(self, pool: _Pool, env: Environment) -> None:
+        """Hand a free environment to the oldest waiter, or put it on the idle stack."""
+        while pool.waiters:
+            waiter = pool.waiters.popleft()
+            if not waiter.done():
+                pool.busy[env.id] = env
+                waiter.set_result(env)
+                return
+        pool.idle_since[env.id] = self._loop.time()
+        (pool.idle_provisioned if env.provisioned else pool.idle_on_demand).append(env)
+
+    def _discard(self, env: Environment) -> None:
+        pool = self._pools.get(env.function)
+        if pool is not None:
+            pool.idle_since.pop(env.id, None)
+        self._spawn(self._stop(env))
+
+    async def _stop(self, env: Environment) -> None:
+        try:
+            await self._backend.stop(env)
+        except Exception:
+            log.exception("stopping environment %s of %s failed", env.id, env.function)
+        pool = self._pools.get(env.function)
+        if pool is not None and not self._closed:
+            self._scale(pool)
+
+    def environment_lost(self, env: Environment) -> None:
+        """A backend reports that an environment went away on its own."""
+        pool = self._pools.get(env.function)
+        if pool is None:
+            return
+        for stack in (pool.idle_provisioned, pool.idle_on_demand):
+            if env in stack:
+                stack.remove(env)
+                pool.idle_since.pop(env.id, None)
+                log.warning("environment %s of %s exited while idle", env.id, env.function)
+                if not self._closed:
+                    self._scale(pool)
+
+    def _retire_idle(self, pool: _Pool) -> None:
+        for stack in (pool.idle_provisioned, pool.idle_on_demand):
+            for env in stack:
+                self._discard(env)
+            stack.clear()
+
+    def _observe(self, pool: _Pool) -> Observations:
+        since = pool.idle_since
+        views = [
+            EnvironmentView(env.id, env.provisioned, False, since.get(env.id, 0.0)) for env in pool.idle_provisioned
+        ]
+        views += [
+            EnvironmentView(env.id, env.provisioned, False, since.get(env.id, 0.0)) for env in pool.idle_on_demand
+        ]
+        views += [EnvironmentView(env.id, env.provisioned, True, 0.0) for env in pool.busy.values()]
+        return Observations(
+            environments=tuple(views),
+            starting_on_demand=pool.starting_on_demand,
+            starting_provisioned=pool.starting_provisioned,
+            waiting=sum(1 for w in pool.waiters if not w.done()),
+        )
+
+    def _scaling_spec(self, pool: _Pool) -> ScalingSpec:
+        spec = pool.function.spec
+        cap = spec.reservedConcurrency if spec.reservedConcurrency is not None else self._unreserved_limit
+        return ScalingSpec(
+            provisioned=spec.provisionedConcurrency,
+            idle_timeout_s=float(spec.idleTimeoutSeconds),
+            max_environments=cap,
+        )
+
+    def _scale(self, pool: _Pool) -> Decision:
+        if pool.removed or self._closed:
+            return Decision()
+        decision = decide(self._loop.time(), self._observe(pool), self._scaling_spec(pool))
+        self._apply(pool, decision)
+        return decision
+
+    def _apply(self, pool: _Pool, decision: Decision) -> None:
+        if decision.retire:
+            retire = set(decision.retire)
+            for stack in (pool.idle_provisioned, pool.idle_on_demand):
+                keep = [env for env in stack if env.id not in retire]
+                for env in stack:
+                    if env.id in retire:
+                        log.info("retiring idle environment %s of %s", env.id, env.function)
+                        self._discard(env)
+                stack[:] = keep
+        for _ in range(decision.start_provisioned):
+            pool.starting_provisioned += 1
+            self._spawn(self._start(pool, provisioned=True))
+        for _ in range(decision.start_on_demand):
+            pool.starting_on_demand += 1
+            self._spawn(self._start(pool, provisioned=False))
+
+    async def _start(self, pool: _Pool, *, provisioned: bool) -> None:
+        generation = pool.generation
+        function = pool.function
+        try:
+            env = await self._backend.start(function, provisioned=provisioned)
+        except Exception as exc:
+            error = exc if isinstance(exc, StartError) else StartError(f"starting an environment failed: {exc!r}")
+            if not isinstance(exc, StartError):
+                log.exception("starting an environment of %s failed", function.name)
+            else:
+                log.warning("starting an environment of %s failed: %s", function.name, exc)
+            self._started(pool, provisioned)
+            # Waiters that no other starting environment will serve get the reason now.
+            pending = pool.starting_on_demand + pool.starting_provisioned
+            excess = sum(1 for w in pool.waiters if not w.done()) - pending
+            while excess > 0 and pool.waiters:
+                waiter = pool.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(error)
+                    excess -= 1
+            return
+        self._started(pool, provisioned)
+        env.generation = generation
+        if pool.removed or generation != pool.generation or self._closed or self._pools.get(function.name) is not pool:
+            self._discard(env)
+            return
+        self._give(pool, env)
+
+    def _started(self, pool: _Pool, provisioned: bool) -> None:
+        if provisioned:
+            pool.starting_provisioned -= 1
+        else:
+            pool.starting_on_demand -= 1
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- background ------------------------------------------------------------------------------
+
+    async def run_autoscaler(self) -> None:
+        """Apply the scaling decision to every function on a timer (provisioned, idle scale-to-zero)."""
+        while not self._closed:
+            for pool in list(self._pools.values()):
+                try:
+                    self._scale(pool)
+                except Exception:
+                    log.exception("scaling %s failed", pool.function.name)
+            await asyncio.sleep(self._settings.scale_interval_s)
+
+    def snapshots(self) -> list[PoolSnapshot]:
+        return [
+            PoolSnapshot(
+                function=name,
+                idle=len(pool.idle_provisioned) + len(pool.idle_on_demand),
+                busy=len(pool.busy),
+                starting=pool.starting_on_demand + pool.starting_provisioned,
+                waiting=sum(1 for w in pool.waiters if not w.done()),
+                in_flight=pool.in_flight,
+            )
+            for name, pool in self._pools.items()
+        ]
+
+    async def close(self) -> None:
+        self._closed = True
+        for pool in self._pools.values():
+            while pool.waiters:
+                waiter = pool.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(ServiceError("the gateway is shutting down"))
+            self._retire_idle(pool)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._backend.close()
+
+
+def _expire(waiter: asyncio.Future[Environment], timeout: float, name: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(
+            ResourceNotReady(f"no execution environment of {name} became ready within {timeout:g} seconds")
+        )
+
+
+def _ms(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None

@@ -1,0 +1,277 @@
+"""The local backend: each execution environment is an agent process on loopback (embedded mode).
+
+``start`` prepares the code (``lambdalet.build.prepare_code`` in a worker thread; inline files are written
+to the state directory), spawns ``<python> -m lambdalet_agent --port 0 --port-file ...`` in its own
+session, waits for the port file and for ``GET /readyz``, and returns the environment. The agent's stdout
+(function output and START/END/REPORT lines) goes to the :class:`~lambdalet_gateway.logs.LogStore`.
+``stop`` ends the whole process group (the agent and its runtime), SIGTERM then SIGKILL.
+
+CPU: the embedded mode does not cap CPU (processes share the host's cores); memory is the agent's
+business (it reports Max Memory Used and enforces the limit where the OS lets it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from lambdalet.build import BuildError, prepare_code
+from lambdalet.spec import Function
+
+from .backend import Environment, EnvironmentId, LostCallback, StartError
+from .logs import LogStore
+from .settings import Settings
+
+log = logging.getLogger("lambdalet.gateway.local")
+
+#: How long an agent may take to bind its port and finish the function's init.
+_START_LIMIT_S = 60.0
+_POLL_S = 0.005
+_STOP_GRACE_S = 2.0
+#: Environment variables of the gateway that must not leak into an agent's own settings.
+_AGENT_SETTINGS_ENV = (
+    "LAMBDALET_AGENT_PORT",
+    "LAMBDALET_RUNTIME",
+    "LAMBDALET_RUNTIME_API_ADDRESS",
+    "LAMBDA_TASK_ROOT",
+    "_HANDLER",
+    "AWS_LAMBDA_FUNCTION_TIMEOUT",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_INITIALIZATION_TYPE",
+)
+
+
+@dataclass(eq=False)
+class _Process:
+    proc: asyncio.subprocess.Process
+    readers: list[asyncio.Task[None]] = field(default_factory=list)
+    stopping: bool = False
+
+
+class LocalBackend:
+    def __init__(self, settings: Settings, logs: LogStore, on_lost: LostCallback) -> None:
+        self._settings = settings
+        self._logs = logs
+        self._on_lost = on_lost
+        self._owned_state_dir = settings.state_dir is None
+        self._state_dir = settings.state_dir or Path(tempfile.mkdtemp(prefix="lambdalet-"))
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        self._ids = itertools.count(1)
+        self._environments: dict[EnvironmentId, Environment] = {}
+        self._session: aiohttp.ClientSession | None = None
+        env = {k: v for k, v in os.environ.items() if k not in _AGENT_SETTINGS_ENV}
+        env["LAMBDALET_BIND_ADDRESS"] = "127.0.0.1"
+        env["AWS_REGION"] = settings.region
+        env["PYTHONUNBUFFERED"] = "1"
+        self._base_env = env
+
+    @property
+    def state_dir(self) -> Path:
+        return self._state_dir
+
+    async def start(self, function: Function, *, provisioned: bool) -> Environment:
+        code_dir = await asyncio.to_thread(self._code_dir, function)
+        env_id = EnvironmentId(f"{function.name}-{next(self._ids)}")
+        port_file = self._state_dir / "ports" / f"{env_id}.port"
+        port_file.parent.mkdir(parents=True, exist_ok=True)
+        port_file.unlink(missing_ok=True)
+        spec = function.spec
+        argv = [
+            self._settings.agent_python,
+            "-m",
+            "lambdalet_agent",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--code",
+            str(code_dir),
+            "--runtime",
+            str(spec.runtime),
+            "--timeout",
+            str(spec.timeoutSeconds),
+            "--memory",
+            str(spec.memoryMB),
+            "--function-name",
+            function.name,
+            "--initialization-type",
+            "provisioned-concurrency" if provisioned else "on-demand",
+        ]
+        if spec.handler:
+            argv += ["--handler", spec.handler]
+        for key, value in spec.environment.variables.items():
+            argv += ["--env", f"{key}={value}"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self._base_env,
+            cwd=str(code_dir),
+            start_new_session=True,
+        )
+        handle = _Process(proc)
+        environment = Environment(id=env_id, function=function.name, url="", provisioned=provisioned, handle=handle)
+        handle.readers = [
+            asyncio.create_task(self._pump_stdout(environment, proc)),
+            asyncio.create_task(self._pump_stderr(environment, proc)),
+        ]
+        try:
+            port = await self._wait_port(proc, port_file)
+            environment.url = f"http://127.0.0.1:{port}"
+            environment.invoke_url = f"{environment.url}/2015-03-31/functions/function/invocations"
+            await self._wait_ready(proc, environment.url)
+        except BaseException:
+            await self._terminate(handle)
+            raise
+        self._environments[env_id] = environment
+        handle.readers.append(asyncio.create_task(self._watch(environment)))
+        log.info("started environment %s (pid %d, %s)", env_id, proc.pid, environment.url)
+        return environment
+
+    def _code_dir(self, function: Function) -> Path:
+        code = function.spec.code
+        if code.path is not None:
+            try:
+                return prepare_code(function.spec.runtime, Path(code.path)).directory
+            except BuildError as exc:
+                raise StartError(str(exc), function_error=True, error_type="Runtime.BuildError") from exc
+        if code.inline is not None:
+            digest = hashlib.sha256()
+            for name, content in sorted(code.inline.files.items()):
+                digest.update(name.encode() + b"\0" + content.encode() + b"\0")
+            target = self._state_dir / "code" / f"{function.name}-{digest.hexdigest()[:16]}"
+            if not target.is_dir():
+                staging = Path(tempfile.mkdtemp(dir=self._state_dir, prefix="staging-"))
+                for name, content in code.inline.files.items():
+                    file = staging / name
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    file.write_text(content, encoding="utf-8")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    staging.rename(target)
+                except OSError:
+                    shutil.rmtree(staging, ignore_errors=True)
+            try:
+                return prepare_code(function.spec.runtime, target).directory
+            except BuildError as exc:
+                raise StartError(str(exc), function_error=True, error_type="Runtime.BuildError") from exc
+        source = "code.image" if code.image else "code.url" if code.url else "code.configMap"
+        raise StartError(
+            f"{source} is not supported by the local backend; use code.path or code.inline",
+            function_error=True,
+            error_type="Runtime.UnsupportedCodeSource",
+        )
+
+    async def _wait_port(self, proc: asyncio.subprocess.Process, port_file: Path) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _START_LIMIT_S
+        while True:
+            port = await asyncio.to_thread(_read_port, port_file)
+            if port is not None:
+                return port
+            if proc.returncode is not None:
+                raise StartError(f"the agent exited with status {proc.returncode} before it listened")
+            if loop.time() > deadline:
+                raise StartError(f"the agent did not listen within {_START_LIMIT_S:g} seconds")
+            await asyncio.sleep(_POLL_S)
+
+    async def _wait_ready(self, proc: asyncio.subprocess.Process, url: str) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _START_LIMIT_S
+        probe = f"{url}/readyz"
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with self._session.get(probe) as resp:
+                    if resp.status == 200:
+                        return
+            if proc.returncode is not None:
+                raise StartError(f"the agent exited with status {proc.returncode} during init")
+            if loop.time() > deadline:
+                raise StartError(f"the environment did not become ready within {_START_LIMIT_S:g} seconds")
+            await asyncio.sleep(_POLL_S)
+
+    async def _pump_stdout(self, environment: Environment, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        name = environment.function
+        append = self._logs.append
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line longer than the stream limit: take what is there
+                line = await proc.stdout.read(1 << 16)
+            if not line:
+                return
+            append(name, line.decode("utf-8", "replace").rstrip("\n"))
+
+    async def _pump_stderr(self, environment: Environment, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        while True:
+            try:
+                line = await proc.stderr.readline()
+            except ValueError:
+                line = await proc.stderr.read(1 << 16)
+            if not line:
+                return
+            log.info("agent %s: %s", environment.id, line.decode("utf-8", "replace").rstrip())
+
+    async def _watch(self, environment: Environment) -> None:
+        handle = environment.handle
+        assert isinstance(handle, _Process)
+        await handle.proc.wait()
+        if not handle.stopping:
+            log.warning("environment %s exited with status %s", environment.id, handle.proc.returncode)
+            self._environments.pop(environment.id, None)
+            self._on_lost(environment)
+
+    async def stop(self, environment: Environment) -> None:
+        self._environments.pop(environment.id, None)
+        handle = environment.handle
+        if isinstance(handle, _Process):
+            await self._terminate(handle)
+            log.info("stopped environment %s", environment.id)
+
+    async def _terminate(self, handle: _Process) -> None:
+        handle.stopping = True
+        proc = handle.proc
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
+        # The runtime (the agent's child) may outlive the agent: end the whole session.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        for reader in handle.readers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def close(self) -> None:
+        environments = list(self._environments.values())
+        await asyncio.gather(*(self.stop(env) for env in environments), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        if self._owned_state_dir:
+            await asyncio.to_thread(shutil.rmtree, self._state_dir, True)
+
+
+def _read_port(port_file: Path) -> int | None:
+    try:
+        return int(port_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
