@@ -83,3 +83,21 @@ def max_overlap(intervals: Iterable[tuple[int, int]]) -> int:
         running += delta
         peak = max(peak, running)
     return peak
+
+
+def starts_above(intervals: Iterable[tuple[int, int]], cap: int) -> int:
+    """How many intervals started while ``cap`` or more others were already open (would run above the cap).
+
+    Same tie rule as :func:`max_overlap`: an end and a start at the same instant do not overlap.
+    """
+    events: list[tuple[int, int]] = []
+    for start, end in intervals:
+        events.append((start, 1))
+        events.append((end, -1))
+    events.sort()
+    running = above = 0
+    for _, delta in events:
+        if delta > 0 and running >= cap:
+            above += 1
+        running += delta
+    return above

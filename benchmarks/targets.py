@@ -9,6 +9,7 @@ number of connections at one address.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from benchmarks import procs
 FUNCTION_DIR = Path(__file__).resolve().parent / "functions" / "noop"
 HANDLER = "app.handler"
 EVENT = b'{"bench": true, "payload": "0123456789abcdef"}'
+INVOKE_PATH = "/2015-03-31/functions/function/invocations"
 Address = tuple[str, int]
 
 
@@ -30,7 +32,7 @@ def rie_binary() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def invoke(address: Address, path: str = "/2015-03-31/functions/function/invocations", timeout: float = 60.0) -> int:
+def invoke(address: Address, path: str = INVOKE_PATH, timeout: float = 60.0) -> int:
     """One blocking invocation on a fresh connection; returns the HTTP status."""
     conn = http.client.HTTPConnection(*address, timeout=timeout)
     try:
@@ -51,6 +53,7 @@ class Target:
     #: One address per environment (pinned targets) or a single shared address.
     addresses: list[Address]
     pinned: bool
+    path: str = INVOKE_PATH
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def addresses_for(self, concurrency: int) -> list[Address]:
@@ -63,7 +66,7 @@ class Target:
     def warm_up(self, rounds: int = 3) -> None:
         for address in self.addresses:
             for _ in range(rounds):
-                status = invoke(address)
+                status = invoke(address, self.path)
                 if status != 200:
                     raise RuntimeError(f"{self.name}: warm-up invocation on {address} answered {status}")
 
@@ -156,3 +159,48 @@ def start_agents(count: int, workdir: Path) -> Target:
 
 def workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="lambdalet-bench-"))
+
+
+def manifest(name: str, *, env: dict[str, str] | None = None, reserved: int | None = None) -> str:
+    """One Function document running the no-op benchmark function (JSON is YAML)."""
+    spec: dict[str, object] = {
+        "runtime": "python3.11",
+        "handler": HANDLER,
+        "code": {"path": str(FUNCTION_DIR)},
+        "memoryMB": 128,
+        "timeoutSeconds": 30,
+    }
+    if env:
+        spec["environment"] = {"variables": env}
+    if reserved is not None:
+        spec["reservedConcurrency"] = reserved
+    doc = {"apiVersion": "lambdalet.dev/v1alpha1", "kind": "Function", "metadata": {"name": name}, "spec": spec}
+    return json.dumps(doc)
+
+
+def start_gateway(workdir: Path, documents: list[str], tag: str = "gateway") -> Target:
+    """``lambdalet up`` (embedded mode: gateway + local backend) on a free port with these Functions."""
+    manifests = workdir / f"{tag}-manifests"
+    manifests.mkdir(exist_ok=True)
+    (manifests / "functions.yaml").write_text("\n---\n".join(documents) + "\n")
+    port = procs.free_port()
+    env = dict(
+        os.environ,
+        LAMBDALET_GATEWAY_PORT=str(port),
+        LAMBDALET_STATE_DIR=str(workdir / f"{tag}-state"),
+    )
+    proc = procs.spawn(
+        [procs.PYTHON, "-m", "lambdalet.cli", "up", str(manifests)],
+        env=env,
+        cwd=workdir,
+        log=workdir / f"{tag}.log",
+    )
+    procs.wait_connectable("127.0.0.1", port, proc, timeout=60)
+    return Target(
+        "gateway",
+        "(a) gateway → agent → our bootstrap",
+        [("127.0.0.1", port)],
+        pinned=False,
+        path="/2015-03-31/functions/noop/invocations",
+        processes=[proc],
+    )

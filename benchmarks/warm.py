@@ -66,7 +66,7 @@ def run(
             order = list(targets)
             rng.shuffle(order)
             for target in order:
-                result = wrk.run(target.addresses_for(concurrency), concurrency, seconds)
+                result = wrk.run(target.addresses_for(concurrency), concurrency, seconds, target.path)
                 results.setdefault((target.name, concurrency), []).append(result)
                 log(
                     f"warm r{round_ + 1} c={concurrency:<3} {target.name:<14} {result.rps:9.0f} req/s "

@@ -80,7 +80,9 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def command(addresses: list[tuple[str, int]], concurrency: int, seconds: float, timeout_s: float = 5.0) -> list[str]:
+def command(
+    addresses: list[tuple[str, int]], concurrency: int, seconds: float, path: str = INVOKE_PATH, timeout_s: float = 5.0
+) -> list[str]:
     """The wrk argv: one thread per connection so each connection can be pinned to its own address."""
     binary = shutil.which("wrk")
     if binary is None:
@@ -93,14 +95,14 @@ def command(addresses: list[tuple[str, int]], concurrency: int, seconds: float, 
         f"--duration={max(1, round(seconds))}s",
         f"--timeout={timeout_s:g}s",
         f"--script={SCRIPT}",
-        f"http://{host}:{port}{INVOKE_PATH}",
+        f"http://{host}:{port}{path}",
     ]
 
 
-def run(addresses: list[tuple[str, int]], concurrency: int, seconds: float) -> WrkResult:
+def run(addresses: list[tuple[str, int]], concurrency: int, seconds: float, path: str = INVOKE_PATH) -> WrkResult:
     """Run wrk for ``seconds`` at ``concurrency`` against ``addresses`` (thread i → address i mod n)."""
     env = dict(os.environ, BENCH_ADDRS=",".join(f"{h}:{p}" for h, p in addresses))
-    argv = command(addresses, concurrency, seconds)
+    argv = command(addresses, concurrency, seconds, path)
     proc = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=seconds + 60)
     if proc.returncode != 0:
         raise WrkError(f"wrk exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
