@@ -1,0 +1,121 @@
+"""HTTP requests as payload format 2.0 events and function results as HTTP responses (pure mapping)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from lambdalet_gateway.http_events import BadFunctionResponse, HttpRequest, build_event, map_result
+
+
+def request(**changes: object) -> HttpRequest:
+    base: dict[str, object] = {
+        "method": "POST",
+        "path": "/items/7",
+        "raw_query": "a=1&b=2&a=3",
+        "headers": (
+            ("Host", "gw.example:8080"),
+            ("User-Agent", "tester/1"),
+            ("X-Multi", "one"),
+            ("X-Multi", "two"),
+            ("Cookie", "c1=v1; c2=v2"),
+            ("Content-Type", "application/json"),
+        ),
+        "body": b'{"k": "v"}',
+        "source_ip": "127.0.0.9",
+        "request_id": "rid-1",
+        "account_id": "123456789012",
+        "time_ms": 1583348638390,
+    }
+    base.update(changes)
+    return HttpRequest(**base)  # type: ignore[arg-type]
+
+
+def test_event_fields() -> None:
+    event = build_event(request())
+    assert event["version"] == "2.0"
+    assert event["routeKey"] == "$default"
+    assert event["rawPath"] == "/items/7"
+    assert event["rawQueryString"] == "a=1&b=2&a=3"
+    assert event["cookies"] == ["c1=v1", "c2=v2"]
+    assert event["headers"] == {
+        "host": "gw.example:8080",
+        "user-agent": "tester/1",
+        "x-multi": "one,two",
+        "content-type": "application/json",
+    }
+    assert event["queryStringParameters"] == {"a": "1,3", "b": "2"}
+    ctx = event["requestContext"]
+    assert ctx["http"] == {
+        "method": "POST",
+        "path": "/items/7",
+        "protocol": "HTTP/1.1",
+        "sourceIp": "127.0.0.9",
+        "userAgent": "tester/1",
+    }
+    assert ctx["requestId"] == "rid-1"
+    assert ctx["accountId"] == "123456789012"
+    assert ctx["domainName"] == "gw.example:8080"
+    assert ctx["stage"] == "$default"
+    assert ctx["time"] == "04/Mar/2020:19:03:58 +0000"
+    assert ctx["timeEpoch"] == 1583348638390
+    assert event["body"] == '{"k": "v"}'
+    assert event["isBase64Encoded"] is False
+
+
+def test_no_cookies_no_query_no_body() -> None:
+    event = build_event(request(raw_query="", headers=(("Host", "h"),), body=b"", method="GET"))
+    assert "cookies" not in event
+    assert "queryStringParameters" not in event
+    assert "body" not in event
+    assert event["isBase64Encoded"] is False
+
+
+def test_binary_body_is_base64() -> None:
+    payload = bytes(range(256))
+    event = build_event(request(body=payload, headers=(("Content-Type", "application/octet-stream"),)))
+    assert event["isBase64Encoded"] is True
+    assert base64.b64decode(event["body"]) == payload
+
+
+def test_text_type_with_invalid_utf8_is_base64() -> None:
+    event = build_event(request(body=b"\xff\xfe", headers=(("Content-Type", "text/plain"),)))
+    assert event["isBase64Encoded"] is True
+    assert base64.b64decode(event["body"]) == b"\xff\xfe"
+
+
+def test_plain_json_result_is_a_200_json_response() -> None:
+    response = map_result(b'{"message": "hi"}')
+    assert response.status == 200
+    assert ("Content-Type", "application/json") in response.headers
+    assert json.loads(response.body) == {"message": "hi"}
+
+
+def test_string_result_is_the_body() -> None:
+    assert map_result(b'"Hello"').body == b"Hello"
+
+
+def test_structured_result() -> None:
+    result = {
+        "statusCode": 302,
+        "headers": {"Location": "/x", "X-Flag": True},
+        "cookies": ["a=1; Max-Age=10", "b=2"],
+        "body": base64.b64encode(b"\x00\x01").decode(),
+        "isBase64Encoded": True,
+    }
+    response = map_result(json.dumps(result).encode())
+    assert response.status == 302
+    assert ("Location", "/x") in response.headers
+    assert ("X-Flag", "true") in response.headers
+    assert [v for k, v in response.headers if k == "Set-Cookie"] == ["a=1; Max-Age=10", "b=2"]
+    assert response.body == b"\x00\x01"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not json", b'{"statusCode": "abc"}', b'{"statusCode": 200, "body": "!!", "isBase64Encoded": true}'],
+)
+def test_unusable_results(payload: bytes) -> None:
+    with pytest.raises(BadFunctionResponse):
+        map_result(payload)
