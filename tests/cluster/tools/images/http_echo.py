@@ -1,7 +1,7 @@
 """The `lambdalet.test/http-echo` test image: a small HTTP server (standard library only) that tells tests
 who it is and what it sees. Binds $LAMBDALET_BIND_ADDRESS (default 0.0.0.0), port $PORT (default 8080).
 
-    GET  /               {"pod": <hostname>, "address": <bind address>, "pid": ...}
+    GET  /               {"pod": <hostname>, "address": <bind address>, "pid": ..., "cwd": ...}
     GET  /ready          200 while ready, 503 while not (initially $ECHO_READY, default "true")
     POST /ready?ok=0|1   flips readiness
     GET  /healthz        200 while live, 500 after POST /healthz?ok=0
@@ -77,7 +77,7 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if url.path == "/":
             address = os.environ.get("LAMBDALET_BIND_ADDRESS", "0.0.0.0")
-            self._send(200, {"pod": socket.gethostname(), "address": address, "pid": os.getpid()})
+            self._send(200, {"pod": socket.gethostname(), "address": address, "pid": os.getpid(), "cwd": os.getcwd()})
         elif url.path == "/ready":
             self._send(200 if State.ready else 503, {"ready": State.ready})
         elif url.path == "/healthz":
