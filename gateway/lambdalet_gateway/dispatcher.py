@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 from collections import deque
@@ -44,6 +45,7 @@ from .settings import Settings
 log = logging.getLogger("lambdalet.gateway.dispatcher")
 
 LATEST = "$LATEST"
+_LARGE_BODY = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +303,9 @@ class Dispatcher:
         if trace_id:
             headers["X-Amzn-Trace-Id"] = trace_id
         try:
-            async with self._session.post(env.invoke_url, data=payload, headers=headers, timeout=pool.timeout) as resp:
+            # aiohttp copies large bytes bodies on the loop (and warns); a BytesIO is streamed instead.
+            data: bytes | io.BytesIO = payload if len(payload) < _LARGE_BODY else io.BytesIO(payload)
+            async with self._session.post(env.invoke_url, data=data, headers=headers, timeout=pool.timeout) as resp:
                 body = await resp.read()
                 status = resp.status
                 rh = resp.headers
