@@ -24,6 +24,8 @@ from lambdalet_gateway.app import create_app
 from lambdalet_gateway.settings import Settings
 
 T = TypeVar("T")
+#: (status, headers, body)
+Reply = tuple[int, dict[str, str], bytes]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -66,10 +68,10 @@ class RunningGateway:
         request = urllib.request.Request(self.url + path, data=body, headers=dict(headers or {}), method="POST")
         return _send(request)
 
-    def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    def get(self, path: str, headers: Mapping[str, str] | None = None) -> Reply:
         return _send(urllib.request.Request(self.url + path, headers=dict(headers or {})))
 
-    def invoke(self, name: str, event: object = None) -> tuple[int, dict[str, str], bytes]:
+    def invoke(self, name: str, event: object = None) -> Reply:
         return self.post(f"/2015-03-31/functions/{name}/invocations", json.dumps(event or {}).encode())
 
     def status(self) -> dict[str, Any]:
@@ -96,9 +98,9 @@ class RunningGateway:
             except OSError:
                 continue
             text = [a.decode(errors="replace") for a in argv]
-            if any(str(self.state_dir) in a for a in text) and "lambdalet_agent" in text:
-                if function is None or function in text:
-                    found.add(int(proc.name))
+            ours = any(str(self.state_dir) in a for a in text) and "lambdalet_agent" in text
+            if ours and (function is None or function in text):
+                found.add(int(proc.name))
         return found
 
 
@@ -119,7 +121,7 @@ def session_members(leaders: set[int]) -> set[int]:
     return members
 
 
-def _send(request: urllib.request.Request) -> tuple[int, dict[str, str], bytes]:
+def _send(request: urllib.request.Request) -> Reply:
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, dict(response.headers.items()), response.read()
