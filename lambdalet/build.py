@@ -59,6 +59,7 @@ def prepare_code(runtime: str | None, code_dir: Path, *, environ: Mapping[str, s
     target = cache_root(env) / "builds" / content_hash(runtime or "", code_dir)
     if (target / ".lambdalet-built").is_file():
         return PreparedCode(target, built=True)
+    _check_toolchain(kind, env)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".building-", dir=target.parent) as scratch:
         work, out = Path(scratch) / "src", Path(scratch) / "out"
@@ -92,6 +93,18 @@ def build_kind(runtime: str | None, code_dir: Path) -> str | None:
         if any(_sources(code_dir, ".java")):
             return "javac"
     return None
+
+
+def _check_toolchain(kind: str, env: Mapping[str, str]) -> None:
+    """Fail before copying anything when the build cannot run at all."""
+    if kind == "go":
+        _tool("go", env, "a Go function (provided runtime with go.mod)")
+    elif kind == "javac":
+        _tool("javac", env, "a Java function (a JDK)")
+    elif shutil.which("mvn", path=env.get("PATH")) is None and shutil.which("javac", path=env.get("PATH")) is None:
+        raise BuildError(
+            "a Java function with a pom.xml needs `mvn` on PATH to build (or `javac`), and neither is installed"
+        )
 
 
 def cache_root(environ: Mapping[str, str]) -> Path:
