@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +33,7 @@ JAVA_RUNTIMES = frozenset({"java17", "java21"})
 _IGNORED = frozenset({".git", "target", ".gradle", "node_modules", "__pycache__", ".idea"})
 _BUILD_TIMEOUT = 900.0
 _OUTPUT_TAIL = 2000
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class BuildError(RuntimeError):
@@ -154,7 +156,7 @@ def _run(command: list[str], cwd: Path, env: Mapping[str, str], what: str) -> No
     except subprocess.TimeoutExpired as exc:
         raise BuildError(f"{what} did not finish within {_BUILD_TIMEOUT:.0f} s") from exc
     if done.returncode != 0:
-        output = (done.stderr + done.stdout).strip()[-_OUTPUT_TAIL:]
+        output = _ANSI.sub("", done.stderr + done.stdout).strip()[-_OUTPUT_TAIL:]
         raise BuildError(f"{what} failed (exit status {done.returncode}):\n{output}")
 
 
@@ -190,6 +192,7 @@ def _build_maven(work: Path, out: Path, env: Mapping[str, str]) -> None:
             mvn,
             "-q",
             "-B",
+            "-Dstyle.color=never",
             "-DskipTests",
             "package",
             "dependency:copy-dependencies",
