@@ -249,13 +249,15 @@ class LocalBackend:
     async def _terminate(self, handle: _Process) -> None:
         handle.stopping = True
         proc = handle.proc
+        # The agent runs its runtime in a process group of its own; note them to end whatever outlives it.
+        groups = {proc.pid} | await asyncio.to_thread(_child_groups, proc.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
-        # The runtime (the agent's child) may outlive the agent: end the whole session.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
         await proc.wait()
         for reader in handle.readers:
             with contextlib.suppress(asyncio.CancelledError):
@@ -275,3 +277,23 @@ def _read_port(port_file: Path) -> int | None:
         return int(port_file.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def _child_groups(pid: int) -> set[int]:
+    """Process groups of ``pid``'s children (Linux ``/proc``; empty elsewhere)."""
+    groups: set[int] = set()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return groups
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            groups.add(int(fields[2]))
+    return groups

@@ -104,21 +104,27 @@ class RunningGateway:
         return found
 
 
-def session_members(leaders: set[int]) -> set[int]:
-    """Every live process whose session is led by one of ``leaders`` (an agent and its runtime)."""
-    members = set()
+def process_tree(roots: set[int]) -> set[int]:
+    """``roots`` and all their live descendants (zombies excluded)."""
+    parents: dict[int, int] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            stat = (proc / "stat").read_text()
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        state, sid = fields[0], int(fields[3])
-        if sid in leaders and state != "Z":
-            members.add(int(proc.name))
-    return members
+        if fields[0] != "Z":
+            parents[int(proc.name)] = int(fields[1])
+    found = {pid for pid in roots if pid in parents}
+    grew = True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in found and pid not in found:
+                found.add(pid)
+                grew = True
+    return found
 
 
 def _send(request: urllib.request.Request) -> Reply:
