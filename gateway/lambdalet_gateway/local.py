@@ -282,16 +282,14 @@ def _read_port(port_file: Path) -> int | None:
 def _child_groups(pid: int) -> set[int]:
     """Process groups of ``pid``'s children (Linux ``/proc``; empty elsewhere)."""
     groups: set[int] = set()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
+    proc = Path("/proc")
+    if not proc.is_dir():
         return groups
-    for entry in entries:
-        if not entry.isdigit():
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
+            fields = (entry / "stat").read_text(errors="replace").rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[1]) == pid:
