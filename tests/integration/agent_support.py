@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -87,6 +88,7 @@ async def running_agent(
     runtime: str | None = "python3.12",
     command: Sequence[str] = (),
     args: Sequence[str] = (),
+    init_timeout_s: float | None = None,
 ) -> AsyncIterator[RunningAgent]:
     argv = ["--code", str(code), "--port", "0", "--timeout", str(timeout_s), "--memory", str(memory), *args]
     if handler:
@@ -96,6 +98,8 @@ async def running_agent(
     if command:
         argv += ["--", *command]
     settings = from_args(argv, {})
+    if init_timeout_s is not None:
+        settings = dataclasses.replace(settings, init_timeout_s=init_timeout_s)
     out = io.BytesIO()
     agent = Agent(settings, environ=os.environ, out=out)
     await agent.start()

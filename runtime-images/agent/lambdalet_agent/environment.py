@@ -127,6 +127,7 @@ class Environment:
         self.runtime_api_address = ""
         self.state = RuntimeState()
         self.process: RuntimeProcess | None = None
+        self._processes: set[RuntimeProcess] = set()  # every process not yet closed (old ones included)
         self._generation = 0
         self._init_started = 0.0
         self._init_timer: asyncio.TimerHandle | None = None
@@ -201,20 +202,22 @@ class Environment:
             self.process = None
             self._fail_init(InitFailure("entrypoint", error_type="Runtime.InvalidEntrypoint", message=str(exc)))
             return
+        self._processes.add(self.process)
         self.limiter.attach(self.process.pid)
         loop = asyncio.get_running_loop()
         self._init_timer = loop.call_later(self.settings.init_timeout_s, self._on_init_timeout, generation)
 
     async def close(self) -> None:
         self._closing = True
-        if self._respawn_task is not None:
-            self._respawn_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._respawn_task
-        if self.process is not None:
-            self.process.kill()
-            await self.process.wait(2.0)
-            self.process.close()
+        while self._respawn_task is not None and not self._respawn_task.done():
+            # Not cancelled: a spawn cut in the middle would leak its process. With _closing set it
+            # finishes promptly, and the loop below kills whatever it started.
+            await self._respawn_task
+        for process in list(self._processes):
+            process.kill()
+            await process.wait(2.0)
+            process.close()
+        self._processes.clear()
         self.limiter.close()
         if self.current is not None and not self.current.result.done():
             self.current.result.set_result(Outcome(error_json("Sandbox.Failure", "environment shutting down")))
@@ -237,17 +240,25 @@ class Environment:
         old = self.process
         self.process = None
         self.state.restart()
+        self.init_failure = None
+        self.init_duration_ms = None
         if old is not None:
             old.kill()
         self.limiter.kill_all()
         self._report_init = True
         if not self._closing:
-            self._respawn_task = asyncio.get_running_loop().create_task(self._respawn(old))
+            previous = self._respawn_task
+            self._respawn_task = asyncio.get_running_loop().create_task(self._respawn(old, previous))
 
-    async def _respawn(self, old: RuntimeProcess | None) -> None:
+    async def _respawn(self, old: RuntimeProcess | None, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            await previous  # resets are serialised: one runtime at a time
+        if old is None and self.process is not None:
+            return  # the previous reset already started a fresh runtime
         if old is not None:
             await old.wait(2.0)
             old.close()
+            self._processes.discard(old)
         if not self._closing:
             await self._spawn()
             self._advance()
