@@ -8,7 +8,10 @@ What kopf itself writes, and where (configured in ``configure``):
   base for kopf's diffs (instead of kopf's default ``kopf.zalando.org/...`` annotation);
 * annotations ``lambdalet.dev/<handler-id>`` on a Function only while a handler is being retried
   (progress: retry count, backoff), removed when it succeeds;
-* no finalizers: there is no deletion handler; children go with the Function through owner references;
+* annotation ``lambdalet.dev/kopf-managed: "yes"``, kopf's marker that it has seen the Function;
+* no finalizers: there is no deletion handler and no daemon or timer (kopf adds a finalizer for those,
+  and a Function could then not be deleted while the operator is down); children go with the Function
+  through owner references;
 * Kubernetes Events on Functions for handler failures (``kopf`` posts them).
 
 ``--standalone`` turns off kopf's peering (no ``KopfPeering`` objects): run one operator replica.
@@ -32,8 +35,6 @@ from lambdalet_operator.settings import Settings
 
 logger = logging.getLogger("lambdalet.operator")
 
-#: Re-applies the children now and then, repairing objects someone changed or deleted by hand.
-RESYNC_SECONDS = 300.0
 #: Backoff for API errors: kopf retries the handler after this delay.
 API_RETRY_SECONDS = 5.0
 
@@ -121,11 +122,6 @@ async def function_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _reconcile(body, memo)
 
 
-@kopf.timer(API_GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, idle=None)
-async def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _reconcile(body, memo)
-
-
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": manifests.MANAGED_BY})
 async def deployment_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     """A function's Deployment changed (rollout progress, scaling by the gateway, deletion by hand)."""
@@ -149,5 +145,5 @@ async def deployment_event(body: kopf.Body, type: str | None, memo: kopf.Memo, *
         async with locks(namespace, name):
             await refresh_status(api, namespace, name, uid, _now)
     except kube.KubeError as exc:
-        # Event handlers are not retried by kopf: the next Deployment event or the resync timer repairs it.
+        # Event handlers are not retried by kopf: the next Deployment event refreshes the status.
         logger.warning("could not refresh the status of Function %s/%s: %s", namespace, name, exc)
