@@ -100,11 +100,12 @@ class RuntimeProcess:
         return not self.exited.done()
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (the runtime and anything it started)."""
+        """SIGKILL the whole process group (the runtime and anything it started).
+
+        The runtime leads its own session, so its pid is the group id. (Not ``transport.kill()``: Popen
+        polls before signalling and would reap the child behind the child watcher's back.)"""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            self._transport.kill()
 
     async def wait(self, limit_s: float) -> None:
         """Wait (at most ``limit_s``) for the process to exit."""
