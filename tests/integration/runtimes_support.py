@@ -234,3 +234,7 @@ async def running(
             yield Environment(agent, out, session)
     finally:
         await agent.stop()
+
+
+def flavor_by_id(flavor_id: str) -> Flavor:
+    return next(flavor for flavor in FLAVORS if flavor.id == flavor_id)

@@ -25,3 +25,21 @@ exports.succeed = (event, context) => {
 };
 
 exports.sync = () => 'ignored: a non-async handler answers through its callback';
+
+exports.uncaught = (event, context, callback) => {
+  setTimeout(() => {
+    throw new RangeError('thrown from a timer');
+  }, 10);
+};
+
+exports.rejects = async () => {
+  Promise.reject(new Error('nobody handles this'));
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  return 'too late';
+};
+
+exports.identity = async (event, context) => ({
+  clientContext: context.clientContext ?? null,
+  identity: context.identity ?? null,
+  trace: process.env._X_AMZN_TRACE_ID ?? null,
+});

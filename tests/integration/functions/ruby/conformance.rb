@@ -40,3 +40,7 @@ module Greeter
     end
   end
 end
+
+def identity(event:, context:)
+  { clientContext: context.client_context, identity: context.identity, trace: ENV.fetch('_X_AMZN_TRACE_ID', nil) }
+end
