@@ -646,8 +646,12 @@ class ContainerRunner:
     ) -> None:
         if after is not None:
             await after.wait()
-        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
         period = float(probe.get("periodSeconds", 10))
+        delay = float(probe.get("initialDelaySeconds", 0))
+        # The kubelet's first effective probe comes on a ticker, about one period after the start; probing
+        # liveness at once would kill every server that has not bound its port yet. Readiness and startup
+        # may be probed at once: a failure only delays readiness.
+        await asyncio.sleep(delay + period if kind == "liveness" else delay)
         success_threshold = int(probe.get("successThreshold", 1))
         failure_threshold = int(probe.get("failureThreshold", 3))
         counts = ProbeState()
