@@ -99,12 +99,18 @@ def kill_now(proc: subprocess.Popen[bytes]) -> None:
 
 
 def children(pid: int) -> list[int]:
-    """Direct children of ``pid``, from /proc."""
+    """Direct children of ``pid``, from /proc (every thread's: a Go program forks from any thread)."""
+    out: list[int] = []
     try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
-        return []
-    return [int(p) for p in text.split()]
+        return out
+    for task in tasks:
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
 
 
 def tree(pid: int) -> Iterator[int]:

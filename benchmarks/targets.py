@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,6 +177,32 @@ def manifest(name: str, *, env: dict[str, str] | None = None, reserved: int | No
         spec["reservedConcurrency"] = reserved
     doc = {"apiVersion": "lambdalet.dev/v1alpha1", "kind": "Function", "metadata": {"name": name}, "spec": spec}
     return json.dumps(doc)
+
+
+def gateway_environments(address: Address, function: str) -> dict[str, int]:
+    """A function's environments as the gateway's status endpoint reports them (idle, busy, starting)."""
+    conn = http.client.HTTPConnection(*address, timeout=10)
+    try:
+        conn.request("GET", "/lambdalet/v1/status")
+        data = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    for entry in data.get("functions", []):
+        if entry["name"] == function:
+            return {k: int(v) for k, v in entry["environments"].items()}
+    return {}
+
+
+def wait_gateway_environments(address: Address, function: str, count: int, timeout: float = 120.0) -> None:
+    """Wait until ``count`` environments of ``function`` are up and none is still starting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        envs = gateway_environments(address, function)
+        if envs.get("starting", 0) == 0 and envs.get("idle", 0) + envs.get("busy", 0) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gateway has {envs} environments of {function}, wanted {count}")
+        time.sleep(0.1)
 
 
 def start_gateway(workdir: Path, documents: list[str], tag: str = "gateway") -> Target:
