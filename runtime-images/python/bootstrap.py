@@ -180,14 +180,12 @@ def _user_frames(exc: BaseException) -> list[str]:
     """The formatted traceback of ``exc`` without this bootstrap's own leading frames."""
     import traceback  # only on the error path
 
-    frames = traceback.extract_tb(exc.__traceback__)
+    # Plain (file, line, function, text) tuples, as AWS's runtime formats them (no column carets).
+    frames = [(f.filename, f.lineno or 0, f.name, f.line) for f in traceback.extract_tb(exc.__traceback__)]
     for index, frame in enumerate(frames):
-        if frame.filename != BOOTSTRAP_FILE:
-            frames = traceback.StackSummary.from_list(list(frames)[index:])
-            break
-    else:
-        frames = traceback.StackSummary.from_list([])
-    return traceback.format_list(frames)
+        if frame[0] != BOOTSTRAP_FILE:
+            return traceback.format_list(frames[index:])
+    return []
 
 
 def _log_error(error: dict[str, object]) -> None:
