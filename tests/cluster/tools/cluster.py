@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -549,19 +550,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "reset", "status"])
     args = parser.parse_args(argv)
     paths = Paths(STATE)
+    paths.state.mkdir(parents=True, exist_ok=True)
+    # Several test sessions may bring the cluster up at once: one at a time.
+    with (paths.state / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return run(args.command, paths)
+
+
+def run(command: str, paths: Paths) -> int:
     try:
-        if args.command == "up":
+        if command == "up":
             up(paths)
-        elif args.command == "down":
+        elif command == "down":
             down(paths)
-        elif args.command == "reset":
+        elif command == "reset":
             down(paths)
             shutil.rmtree(paths.state, ignore_errors=True)
             print(f"removed {paths.state}")
         else:
             return status(paths)
     except ClusterError as error:
-        print(f"cluster {args.command} failed: {error}", file=sys.stderr)
+        print(f"cluster {command} failed: {error}", file=sys.stderr)
         return 1
     return 0
 

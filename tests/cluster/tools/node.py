@@ -80,6 +80,8 @@ class Image:
     cmd: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     workdir: str = "/"
+    # (path in this checkout, path in the image): bind-mounted read-only into the container.
+    files: tuple[tuple[Path, str], ...] = ()
 
 
 IMAGE_PATH = f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -87,20 +89,24 @@ RUNTIMES = (
     "python3.11", "python3.12", "python3.13", "nodejs20.x", "nodejs22.x", "java17", "java21",
     "ruby3.2", "ruby3.3", "ruby3.4", "provided.al2023", "provided.al2",
 )  # fmt: skip
+_RUNTIMES_IN_IMAGE = "/opt/lambdalet/runtime-images"
 _AGENT_ENV = (
     ("LAMBDALET_BIND_ADDRESS", "0.0.0.0"),
     ("LAMBDALET_AGENT_PORT", "8080"),
-    ("LAMBDALET_RUNTIMES_DIR", str(ROOT / "runtime-images")),
+    ("LAMBDALET_RUNTIMES_DIR", _RUNTIMES_IN_IMAGE),
     ("PYTHONUNBUFFERED", "1"),
 )
+_AGENT_FILES = ((ROOT / "runtime-images", _RUNTIMES_IN_IMAGE),)
 _PY_ENV = (("PYTHONUNBUFFERED", "1"),)
 
 # The one table from image repository (tag and digest ignored: the local checkout is the image) to what
 # runs. Entrypoints agree with the Dockerfiles (see the shared contract).
 IMAGES: dict[str, Image] = {
-    "ghcr.io/lambdalet/agent": Image(("lambdalet", "agent"), env=_AGENT_ENV),
+    "ghcr.io/lambdalet/agent": Image(("lambdalet", "agent"), env=_AGENT_ENV, files=_AGENT_FILES),
     **{
-        f"ghcr.io/lambdalet/{runtime}": Image(("lambdalet", "agent"), env=(*_AGENT_ENV, ("LAMBDALET_RUNTIME", runtime)))
+        f"ghcr.io/lambdalet/{runtime}": Image(
+            ("lambdalet", "agent"), env=(*_AGENT_ENV, ("LAMBDALET_RUNTIME", runtime)), files=_AGENT_FILES
+        )
         for runtime in RUNTIMES
     },
     "ghcr.io/lambdalet/gateway": Image(("python", "-m", "lambdalet_gateway"), env=_PY_ENV),
@@ -1100,6 +1106,7 @@ class PodRunner:
             for m in spec.get("volumeMounts", [])
             if m["name"] in self.volumes
         ]
+        mounts = [*(Mount(source, target, True) for source, target in image.files), *mounts]
         port = self.node.api_port
         env: dict[str, str] = {
             "PATH": IMAGE_PATH,
