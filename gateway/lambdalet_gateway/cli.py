@@ -57,6 +57,9 @@ def _up(args: list[str]) -> int:
     parser.add_argument("--port", type=int, help="port (default 8080; env LAMBDALET_GATEWAY_PORT)")
     parser.add_argument("--concurrency-limit", type=int, help="platform-wide concurrent executions (default 1000)")
     parser.add_argument("--quiet", action="store_true", help="do not echo function logs to this terminal")
+    parser.add_argument(
+        "--cpu-limits", action="store_true", help="cap each environment at memoryMB/1769 of a CPU (cgroups)"
+    )
     ns = parser.parse_args(args)
     try:
         settings = Settings.from_env(os.environ)
@@ -77,6 +80,7 @@ def _up(args: list[str]) -> int:
         concurrency_limit=ns.concurrency_limit,
         manifests=dirs,
         echo_logs=not ns.quiet,
+        cpu_limits=True if ns.cpu_limits else None,
     )
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -6,8 +6,9 @@ session, waits for the port file and for ``GET /readyz``, and returns the enviro
 (function output and START/END/REPORT lines) goes to the :class:`~lambdalet_gateway.logs.LogStore`.
 ``stop`` ends the whole process group (the agent and its runtime), SIGTERM then SIGKILL.
 
-CPU: the embedded mode does not cap CPU (processes share the host's cores); memory is the agent's
-business (it reports Max Memory Used and enforces the limit where the OS lets it).
+CPU: not capped by default (processes share the host's cores); with ``cpu_limits`` each environment runs
+in a CPU cgroup with ``memoryMB / 1769`` of a CPU where the OS lets the gateway create one (``cpu``).
+Memory is the agent's business (it reports Max Memory Used and enforces the limit where it can).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lambdalet.build import BuildError, prepare_code
 from lambdalet.spec import Function
 
 from .backend import Environment, EnvironmentId, LostCallback, StartError
+from .cpu import CpuCgroups
 from .logs import LogStore
 from .settings import Settings
 
@@ -59,6 +61,8 @@ class _Process:
     proc: asyncio.subprocess.Process
     readers: list[asyncio.Task[None]] = field(default_factory=list)
     stopping: bool = False
+    #: The environment's CPU cgroup (its ``cgroup.procs``), when CPU limits are on.
+    cgroup: Path | None = None
 
 
 class LocalBackend:
@@ -77,6 +81,9 @@ class LocalBackend:
         env["AWS_REGION"] = settings.region
         env["PYTHONUNBUFFERED"] = "1"
         self._base_env = env
+        self._cpu = CpuCgroups.detect() if settings.cpu_limits else None
+        if self._cpu is not None:
+            log.info("CPU limits (memoryMB/1769 of a CPU per environment): %s", self._cpu.mechanism)
 
     @property
     def state_dir(self) -> Path:
@@ -114,6 +121,10 @@ class LocalBackend:
             argv += ["--handler", spec.handler]
         for key, value in spec.environment.variables.items():
             argv += ["--env", f"{key}={value}"]
+        cgroup = await asyncio.to_thread(self._cpu.create, env_id, spec.memoryMB) if self._cpu else None
+        if cgroup is not None:
+            # join the CPU cgroup before the agent (and the runtime it starts) runs a single instruction
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup), *argv]
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -123,7 +134,7 @@ class LocalBackend:
             cwd=str(code_dir),
             start_new_session=True,
         )
-        handle = _Process(proc)
+        handle = _Process(proc, cgroup=cgroup)
         environment = Environment(id=env_id, function=function.name, url="", provisioned=provisioned, handle=handle)
         handle.readers = [
             asyncio.create_task(self._pump_stdout(environment, proc)),
@@ -259,6 +270,8 @@ class LocalBackend:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, signal.SIGKILL)
         await proc.wait()
+        if handle.cgroup is not None and self._cpu is not None:
+            await asyncio.to_thread(self._cpu.remove, handle.cgroup)
         for reader in handle.readers:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
@@ -268,6 +281,8 @@ class LocalBackend:
         await asyncio.gather(*(self.stop(env) for env in environments), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+        if self._cpu is not None:
+            await asyncio.to_thread(self._cpu.close)
         if self._owned_state_dir:
             await asyncio.to_thread(shutil.rmtree, self._state_dir, True)
 

@@ -46,6 +46,8 @@ class Settings:
     #: Echo every function's log lines to the gateway's stdout, prefixed with the function name.
     echo_logs: bool = False
     shutdown_timeout_s: float = 5.0
+    #: Cap each local environment's CPU at memoryMB/1769 of a CPU (cgroups, where allowed).
+    cpu_limits: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -73,6 +75,14 @@ class Settings:
                 raise SettingsError(f"{name} must be positive (got {value})")
             return value
 
+        def flag(name: str) -> bool:
+            raw = environ.get(name, "").lower()
+            if raw in {"", "0", "false", "no"}:
+                return False
+            if raw in {"1", "true", "yes"}:
+                return True
+            raise SettingsError(f"{name} must be true or false (got {environ[name]!r})")
+
         manifests = tuple(Path(p) for p in environ.get("LAMBDALET_MANIFESTS", "").split(os.pathsep) if p)
         state_dir = environ.get("LAMBDALET_STATE_DIR")
         return cls(
@@ -88,7 +98,8 @@ class Settings:
             scale_interval_s=number("LAMBDALET_SCALE_INTERVAL_SECONDS", cls.scale_interval_s),
             agent_python=environ.get("LAMBDALET_AGENT_PYTHON") or sys.executable,
             state_dir=Path(state_dir) if state_dir else None,
-            echo_logs=environ.get("LAMBDALET_ECHO_LOGS", "") in {"1", "true", "yes"},
+            echo_logs=flag("LAMBDALET_ECHO_LOGS"),
+            cpu_limits=flag("LAMBDALET_CPU_LIMITS"),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
