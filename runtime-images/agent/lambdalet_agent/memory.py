@@ -22,6 +22,7 @@ import contextlib
 import os
 import resource
 import signal
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -63,6 +64,7 @@ class CgroupV1Limiter:
         base = root / _own_cgroup_v1_path().lstrip("/")
         if not (base / "cgroup.procs").exists():
             base = root
+        _remove_stale(base)
         self.path = base / f"lambdalet-{os.getpid()}"
         self.path.mkdir(exist_ok=True)
         limit = str(memory_mb * MIB)
@@ -98,9 +100,26 @@ class CgroupV1Limiter:
                     os.kill(int(text), signal.SIGKILL)
 
     def close(self) -> None:
+        """Remove the cgroup (it empties once its killed processes have been reaped)."""
         self.kill_all()
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
+        for _ in range(100):
+            try:
+                self.path.rmdir()
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.01)
+            else:
+                return
+
+
+def _remove_stale(base: Path) -> None:
+    """Remove empty cgroups left by agents that were SIGKILLed (named after their dead pid)."""
+    for path in base.glob("lambdalet-*"):
+        pid = path.name.removeprefix("lambdalet-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 class RlimitLimiter:
