@@ -26,7 +26,7 @@ def _cgroups_of(pid: int) -> list[Path]:
 
 async def _run(
     argv: Sequence[str], port_file: Path, events: list[dict[str, object]]
-) -> tuple[list[tuple[int, bytes]], str, int]:
+) -> tuple[list[tuple[int, bytes]], str, int, int]:
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdout=asyncio.subprocess.PIPE,
