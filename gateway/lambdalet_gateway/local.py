@@ -63,6 +63,8 @@ class _Process:
     stopping: bool = False
     #: The environment's CPU cgroup (its ``cgroup.procs``), when CPU limits are on.
     cgroup: Path | None = None
+    #: Process groups of the agent's children seen when it became ready (its runtime).
+    groups: set[int] = field(default_factory=set)
 
 
 class LocalBackend:
@@ -145,6 +147,7 @@ class LocalBackend:
             environment.url = f"http://127.0.0.1:{port}"
             environment.invoke_url = f"{environment.url}/2015-03-31/functions/function/invocations"
             await self._wait_ready(proc, environment.url)
+            handle.groups = await asyncio.to_thread(_child_groups, proc.pid)
         except BaseException:
             await self._terminate(handle)
             raise
@@ -247,6 +250,7 @@ class LocalBackend:
         await handle.proc.wait()
         if not handle.stopping:
             log.warning("environment %s exited with status %s", environment.id, handle.proc.returncode)
+            _kill_groups(handle.groups)
             self._environments.pop(environment.id, None)
             self._on_lost(environment)
 
@@ -261,14 +265,12 @@ class LocalBackend:
         handle.stopping = True
         proc = handle.proc
         # The agent runs its runtime in a process group of its own; note them to end whatever outlives it.
-        groups = {proc.pid} | await asyncio.to_thread(_child_groups, proc.pid)
+        groups = {proc.pid} | handle.groups | await asyncio.to_thread(_child_groups, proc.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), _STOP_GRACE_S)
-        for group in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signal.SIGKILL)
+        _kill_groups(groups)
         await proc.wait()
         if handle.cgroup is not None and self._cpu is not None:
             await asyncio.to_thread(self._cpu.remove, handle.cgroup)
@@ -310,3 +312,9 @@ def _child_groups(pid: int) -> set[int]:
         if int(fields[1]) == pid:
             groups.add(int(fields[2]))
     return groups
+
+
+def _kill_groups(groups: set[int]) -> None:
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)

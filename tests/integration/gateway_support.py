@@ -104,6 +104,22 @@ class RunningGateway:
         return found
 
 
+def processes_in(directory: Path) -> set[int]:
+    """Live processes whose working directory is under ``directory`` (environments run in their code dir)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cwd = (proc / "cwd").readlink()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and cwd.is_relative_to(directory):
+            found.add(int(proc.name))
+    return found
+
+
 def process_tree(roots: set[int]) -> set[int]:
     """``roots`` and all their live descendants (zombies excluded)."""
     parents: dict[int, int] = {}

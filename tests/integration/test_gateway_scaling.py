@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gateway_support import process_tree, running_gateway, wait_for, write_function
+from gateway_support import process_tree, processes_in, running_gateway, wait_for, write_function
 
 HELLO = """
 import os
@@ -68,6 +70,7 @@ def test_idle_environments_stop_and_leave_no_process(tmp_path: Path) -> None:
         assert runtime_pid in members
         wait_for(lambda: gateway.environments("brief")["idle"] == 0, what="the idle environment to stop")
         wait_for(lambda: not process_tree(agents), timeout=10, what="the processes to exit")
+        assert not processes_in(gateway.state_dir)
         assert not process_tree(members)
         # and it starts again on demand
         assert gateway.invoke("brief")[0] == 200
@@ -88,3 +91,26 @@ def test_provisioned_environments_are_warm(tmp_path: Path) -> None:
         time.sleep(2)
         assert gateway.agent_pids("warm") == pids
         assert gateway.environments("warm")["idle"] == 2
+
+
+def test_an_environment_that_dies_is_replaced(tmp_path: Path) -> None:
+    write_function(tmp_path, "fragile", {"app.py": SLEEPER}, timeoutSeconds=30)
+    with running_gateway([tmp_path], tmp_path) as gateway:
+        assert gateway.invoke("fragile")[0] == 200
+        (idle_agent,) = gateway.agent_pids("fragile")
+        os.kill(idle_agent, signal.SIGKILL)
+        wait_for(lambda: gateway.environments("fragile")["idle"] == 0, what="the dead environment to be dropped")
+        assert gateway.invoke("fragile")[0] == 200
+
+        (busy_agent,) = gateway.agent_pids("fragile")
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(gateway.invoke, "fragile", {"seconds": 20})
+            wait_for(lambda: gateway.environments("fragile")["busy"] == 1, what="the invocation to start")
+            os.kill(busy_agent, signal.SIGKILL)
+            status, headers, body = pending.result(timeout=30)
+        assert status == 500
+        assert headers["x-amzn-ErrorType"] == "ServiceException"
+        assert json.loads(body)["Type"] == "Service"
+        wait_for(lambda: sum(gateway.environments("fragile").values()) == 0, what="no environment left")
+        wait_for(lambda: not processes_in(gateway.state_dir), timeout=10, what="the orphaned runtime to end")
+        assert gateway.invoke("fragile")[0] == 200
