@@ -6,9 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-from agent_support import PYTHON_FUNCTIONS, running_agent
+from agent_support import BOOTSTRAP, PYTHON_FUNCTIONS, running_agent
 
 
 async def test_success_returns_the_handler_result_with_lambda_headers() -> None:
@@ -222,3 +227,38 @@ async def test_metrics_count_invocations_and_errors() -> None:
     assert 'lambdalet_agent_invocations_total{outcome="error"} 1.0' in text
     assert 'lambdalet_agent_errors_total{error_type="ValueError"} 1.0' in text
     assert "lambdalet_agent_init_duration_seconds_count 1.0" in text
+
+
+def _interpreters() -> list[str]:
+    """Real interpreters for python3.11-3.13 found on PATH or under pyenv (the runtime images' versions)."""
+    found = {sys.executable}
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    for version in ("3.11", "3.12", "3.13"):
+        candidates = [shutil.which(f"python{version}"), *map(str, pyenv.glob(f"{version}.*/bin/python{version}"))]
+        for program in filter(None, candidates):
+            result = subprocess.run(
+                [program, "-c", "import sys; print(sys.executable)"], check=False, capture_output=True, text=True
+            )
+            if result.returncode == 0:
+                found.add(str(Path(result.stdout.strip()).resolve()))
+    return sorted(found)
+
+
+async def test_bootstrap_runs_on_every_available_python_version() -> None:
+    interpreters = await asyncio.to_thread(_interpreters)
+    for python in interpreters:
+        command = (python, str(BOOTSTRAP))
+        async with running_agent("app.echo", command=command, runtime="python3.12") as agent:
+            result = await agent.invoke({"python": python})
+            error = await agent.invoke(raw=b"not json")
+        assert result.json() == {"python": python}, python
+        assert error.json()["errorType"] == "Runtime.UnmarshalError", python
+
+
+async def test_provisioned_concurrency_reports_no_init_duration_on_the_first_invoke() -> None:
+    async with running_agent("app.ok", args=["--initialization-type", "provisioned-concurrency"]) as agent:
+        first = await agent.invoke({})
+        env = agent.agent.env.runtime_environment()
+    assert first.json() == {"ok": True}
+    assert "X-Lambdalet-Init-Duration-Ms" not in first.headers
+    assert env["AWS_LAMBDA_INITIALIZATION_TYPE"] == "provisioned-concurrency"

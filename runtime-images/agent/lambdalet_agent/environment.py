@@ -34,6 +34,10 @@ RESPONSE_LIMIT = 6 * 1024 * 1024 + 100  # 6,291,556 bytes, the Runtime API's lim
 REQUEST_LIMIT = 6 * 1024 * 1024  # 6,291,456 bytes, the Invoke API's limit
 
 
+class RuntimeGone(Exception):
+    """The runtime waiting at ``/next`` was reset or the agent is stopping: it must exit (HTTP 500)."""
+
+
 class Busy(Exception):
     """An invocation is already running in this environment (standard, one-at-a-time mode)."""
 
@@ -207,8 +211,14 @@ class Environment:
         loop = asyncio.get_running_loop()
         self._init_timer = loop.call_later(self.settings.init_timeout_s, self._on_init_timeout, generation)
 
+    def _release_waiter(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(RuntimeGone())
+        self._waiter = None
+
     async def close(self) -> None:
         self._closing = True
+        self._release_waiter()
         while self._respawn_task is not None and not self._respawn_task.done():
             # Not cancelled: a spawn cut in the middle would leak its process. With _closing set it
             # finishes promptly, and the loop below kills whatever it started.
@@ -234,9 +244,7 @@ class Environment:
         self._generation += 1  # events of the old process are ignored from now on
         if self._init_timer is not None:
             self._init_timer.cancel()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.cancel()
-        self._waiter = None
+        self._release_waiter()
         old = self.process
         self.process = None
         self.state.restart()

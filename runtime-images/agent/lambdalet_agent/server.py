@@ -29,6 +29,7 @@ from lambdalet_agent.environment import (
     Event,
     Invocation,
     Outcome,
+    RuntimeGone,
     error_json,
 )
 from lambdalet_agent.report import billed_ms
@@ -100,6 +101,8 @@ async def runtime_next(request: web.Request) -> web.StreamResponse:
         inv = await env.next_event()
     except RuntimeApiError as exc:
         return _api_error(exc)
+    except RuntimeGone:
+        return _runtime_error(500, "InternalServerError", "Internal Server Error")
     event = inv.event
     headers = {
         "Content-Type": event.content_type,
