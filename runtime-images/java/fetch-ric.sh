@@ -4,8 +4,8 @@
 # only when missing. Prints the folder. Usage: fetch-ric.sh [DEST] (default: a cache outside the repo).
 set -euo pipefail
 VERSION=${AWS_LAMBDA_JAVA_RIC_VERSION:-2.10.1}
-CACHE=${LAMBDALET_CACHE:-$HOME/.cache/lambdalet}
-DEST=${1:-$CACHE/java-ric/$VERSION}
+# Under $HOME (not $LAMBDALET_CACHE): bootstrap.sh looks there, and the agent passes it no LAMBDALET_* variables.
+DEST=${1:-$HOME/.cache/lambdalet/java-ric/$VERSION}
 if ! compgen -G "$DEST/aws-lambda-java-runtime-interface-client-*.jar" >/dev/null; then
   command -v mvn >/dev/null || { echo "fetching the Java runtime interface client needs mvn (Maven) on PATH" >&2; exit 1; }
   work=$(mktemp -d)
@@ -24,5 +24,10 @@ if ! compgen -G "$DEST/aws-lambda-java-runtime-interface-client-*.jar" >/dev/nul
 POM
   mkdir -p "$DEST"
   mvn -q -B -f "$work/pom.xml" dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$DEST" >&2
+fi
+if [ ! -d "$DEST/jni" ]; then
+  # The client's native libraries (jni/*.so inside its jar), unpacked once for bootstrap.sh.
+  jar=$(ls "$DEST"/aws-lambda-java-runtime-interface-client-*.jar)
+  if command -v unzip >/dev/null; then unzip -q -o "$jar" 'jni/*' -d "$DEST"; else (cd "$DEST" && jar xf "$jar" jni); fi
 fi
 echo "$DEST"
