@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 from lambdalet_agent.agent import Agent
+from lambdalet_agent.memory import MemoryLimiter
 from lambdalet_agent.settings import from_args
 from multidict import CIMultiDictProxy
 
@@ -89,6 +90,7 @@ async def running_agent(
     command: Sequence[str] = (),
     args: Sequence[str] = (),
     init_timeout_s: float | None = None,
+    limiter: MemoryLimiter | None = None,
 ) -> AsyncIterator[RunningAgent]:
     argv = ["--code", str(code), "--port", "0", "--timeout", str(timeout_s), "--memory", str(memory), *args]
     if handler:
@@ -101,7 +103,7 @@ async def running_agent(
     if init_timeout_s is not None:
         settings = dataclasses.replace(settings, init_timeout_s=init_timeout_s)
     out = io.BytesIO()
-    agent = Agent(settings, environ=os.environ, out=out)
+    agent = Agent(settings, environ=os.environ, out=out, limiter=limiter)
     await agent.start()
     try:
         async with aiohttp.ClientSession() as session:
