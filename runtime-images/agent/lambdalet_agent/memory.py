@@ -77,7 +77,8 @@ class CgroupV1Limiter:
             # Charges of a process move with it, so memory touched before attach() is counted too.
             (self.path / "memory.move_charge_at_immigrate").write_text("3")
         self._procs = self.path / "cgroup.procs"
-        self._max_usage = self.path / "memory.max_usage_in_bytes"
+        # Kept open: a reset and a read per invocation cost ~5 us this way, ~110 us opening the file.
+        self._max_usage = os.open(self.path / "memory.max_usage_in_bytes", os.O_RDWR | os.O_CLOEXEC)
 
     def attach(self, pid: int) -> None:
         with contextlib.suppress(ProcessLookupError, OSError):
@@ -85,11 +86,11 @@ class CgroupV1Limiter:
 
     def reset_peak(self, pid: int) -> None:
         with contextlib.suppress(OSError):
-            self._max_usage.write_text("0")
+            os.pwrite(self._max_usage, b"0", 0)
 
     def peak_bytes(self, pid: int) -> int:
         try:
-            return int(self._max_usage.read_text())
+            return int(os.pread(self._max_usage, 32, 0))
         except (OSError, ValueError):
             return 0
 
@@ -102,6 +103,8 @@ class CgroupV1Limiter:
     def close(self) -> None:
         """Remove the cgroup (it empties once its killed processes have been reaped)."""
         self.kill_all()
+        with contextlib.suppress(OSError):
+            os.close(self._max_usage)
         for _ in range(100):
             try:
                 self.path.rmdir()
@@ -127,29 +130,46 @@ class RlimitLimiter:
 
     def __init__(self, memory_mb: int) -> None:
         self.limit = memory_mb * MIB
+        self._pid = 0
+        self._status = -1  # /proc/<pid>/status and clear_refs of the current runtime, kept open
+        self._clear_refs = -1
 
     def attach(self, pid: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
             resource.prlimit(pid, resource.RLIMIT_DATA, (self.limit, self.limit))
+        self._close_fds()
+        self._pid = pid
+        with contextlib.suppress(OSError):
+            self._status = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            self._clear_refs = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
 
     def reset_peak(self, pid: int) -> None:
-        with contextlib.suppress(OSError):
-            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        if pid == self._pid and self._clear_refs >= 0:
+            with contextlib.suppress(OSError):
+                os.pwrite(self._clear_refs, b"5", 0)
 
     def peak_bytes(self, pid: int) -> int:
+        if pid != self._pid or self._status < 0:
+            return 0
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+            data = os.pread(self._status, 4096, 0)
+            start = data.index(b"VmHWM:") + 6
+            return int(data[start : data.index(b"kB", start)]) * 1024
         except (OSError, ValueError):
-            pass
-        return 0
+            return 0
 
     def kill_all(self) -> None:
         """Nothing beyond the process group, which the supervisor kills."""
 
+    def _close_fds(self) -> None:
+        for fd in (self._status, self._clear_refs):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._status = self._clear_refs = -1
+
     def close(self) -> None:
-        """Nothing to release."""
+        self._close_fds()
 
 
 def create_limiter(memory_mb: int) -> MemoryLimiter:
