@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("manifests", nargs="*", metavar="PATH", help="Function manifests (env LAMBDALET_MANIFESTS)")
     parser.add_argument("--host", help="bind address (env LAMBDALET_BIND_ADDRESS, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (env LAMBDALET_GATEWAY_PORT, default 8080)")
-    parser.add_argument("--backend", help="local (env LAMBDALET_BACKEND)")
+    parser.add_argument("--backend", help="local or kubernetes (env LAMBDALET_BACKEND)")
     parser.add_argument("--concurrency-limit", type=int, help="env LAMBDALET_CONCURRENCY_LIMIT, default 1000")
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -30,6 +30,7 @@ from .backend import Backend, LostCallback
 from .dispatcher import LATEST, Dispatcher
 from .errors import MAX_SYNC_PAYLOAD, InvalidParameterValue, LambdaError, not_found
 from .invoke import DISPATCHER, http_route, invoke
+from .kube import FunctionSource
 from .local import LocalBackend
 from .logs import LogStore
 from .metrics import Metrics
@@ -50,7 +51,13 @@ BackendFactory = Callable[[Settings, LogStore, LostCallback], Backend]
 def default_backend(settings: Settings, logs: LogStore, on_lost: LostCallback) -> Backend:
     if settings.backend == "local":
         return LocalBackend(settings, logs, on_lost)
-    raise SettingsError(f"unknown backend {settings.backend!r} (LAMBDALET_BACKEND / --backend); known: local")
+    if settings.backend == "kubernetes":
+        from .kube.backend import KubernetesBackend  # noqa: PLC0415 (the Kubernetes client only when used)
+
+        return KubernetesBackend(settings, on_lost)
+    raise SettingsError(
+        f"unknown backend {settings.backend!r} (LAMBDALET_BACKEND / --backend); known: local, kubernetes"
+    )
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -211,7 +218,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             {name: record.revision for name, record in catalog.functions.items()},
         )
 
-    registry = Registry(settings.manifests, apply)
+    # The Kubernetes backend's functions are Function objects it watches; otherwise manifests.
+    registry = backend.registry(apply) if isinstance(backend, FunctionSource) else Registry(settings.manifests, apply)
     tasks: list[asyncio.Task[None]] = []
     try:
         await registry.reload()

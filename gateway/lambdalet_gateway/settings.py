@@ -25,6 +25,8 @@ class Settings:
     #: Where the functions come from: manifest files or directories (embedded mode).
     manifests: tuple[Path, ...] = ()
     backend: str = "local"
+    #: Kubernetes backend: the namespaces whose Functions it serves (empty: all namespaces).
+    namespaces: tuple[str, ...] = ()
     #: Platform-wide cap on concurrent executions (Lambda's account concurrency limit).
     concurrency_limit: int = 1000
     #: Per function: at most this many invocations wait for an environment to start ...
@@ -90,6 +92,7 @@ class Settings:
             port=integer("LAMBDALET_GATEWAY_PORT", cls.port, 0),
             manifests=manifests,
             backend=environ.get("LAMBDALET_BACKEND") or cls.backend,
+            namespaces=tuple(n.strip() for n in environ.get("LAMBDALET_NAMESPACES", "").split(",") if n.strip()),
             concurrency_limit=integer("LAMBDALET_CONCURRENCY_LIMIT", cls.concurrency_limit, 1),
             queue_size=integer("LAMBDALET_QUEUE_SIZE", cls.queue_size, 1),
             queue_timeout_s=number("LAMBDALET_QUEUE_TIMEOUT_SECONDS", cls.queue_timeout_s),
