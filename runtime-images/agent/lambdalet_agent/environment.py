@@ -394,9 +394,9 @@ class Environment:
         if inv.init_duration_ms is not None:
             m.init_duration.observe(inv.init_duration_ms / 1000)
         if outcome.error_type is None:
-            m.invocations.labels("success").inc()
+            m.successes.inc()
         else:
-            m.invocations.labels("error").inc()
+            m.failures.inc()
             m.errors.labels(outcome.error_type).inc()
         if not inv.result.done():
             inv.result.set_result(outcome)

@@ -46,5 +46,9 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Children bound once: no label lookup on the hot path.
+        self.successes = self.invocations.labels("success")
+        self.failures = self.invocations.labels("error")
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
