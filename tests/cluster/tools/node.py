@@ -272,10 +272,15 @@ class Api:
         ) as response:
             if response.status >= 400:
                 raise ApiError(response.status, await response.text())
-            async for line in response.content:
-                if line.strip():
-                    event: Json = json.loads(line)
-                    yield event
+            # One JSON event per line; read in chunks so no line-length limit applies to large objects.
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        event: Json = json.loads(line)
+                        yield event
 
 
 # ---------------------------------------------------------------------------------------------- addresses
@@ -669,9 +674,11 @@ class ContainerRunner:
             else:
                 counts.failures += 1
                 counts.successes = 0
-                log.info(
-                    "%s probe failed for %s/%s[%s]: %s", kind, self.pod.namespace, self.pod.name, self.name, detail
-                )
+                if counts.failures == failure_threshold:  # logged once per run of failures
+                    log.info(
+                        "%s probe failed %d times for %s/%s[%s]: %s",
+                        kind, failure_threshold, self.pod.namespace, self.pod.name, self.name, detail,
+                    )  # fmt: skip
             if kind == "readiness":
                 if ok and counts.successes >= success_threshold and not self.ready:
                     self.ready = True
