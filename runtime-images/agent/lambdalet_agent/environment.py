@@ -361,7 +361,7 @@ class Environment:
         )
         self._emit_platform(report.start_line(request_id, self.settings.function_version), inv)
         inv.reset = True
-        self._complete(inv, outcome, peak=0)
+        self._complete(inv, outcome)
         self._reset("init_error")
 
     def _complete(self, inv: Invocation, outcome: Outcome, *, peak: int | None = None) -> None:
