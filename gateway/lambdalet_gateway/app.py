@@ -19,7 +19,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -199,8 +198,6 @@ def create_app(settings: Settings, *, backend_factory: BackendFactory = default_
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=300, enable_cleanup_closed=False)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
     dispatcher_ref: list[Dispatcher] = []
 
     def on_lost(env: Any) -> None:
@@ -208,7 +205,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             dispatcher_ref[0].environment_lost(env)
 
     backend = app[_BACKEND_FACTORY](settings, app[LOGS], on_lost)
-    dispatcher = Dispatcher(backend, settings, app[METRICS], session)
+    dispatcher = Dispatcher(backend, settings, app[METRICS])
     dispatcher_ref.append(dispatcher)
     app[DISPATCHER] = dispatcher
 
@@ -234,7 +231,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await dispatcher.close()
-        await session.close()
 
 
 _BACKEND_FACTORY: web.AppKey[BackendFactory] = web.AppKey("backend_factory")

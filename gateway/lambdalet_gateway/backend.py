@@ -16,6 +16,8 @@ from typing import NewType, Protocol
 
 from lambdalet.spec import Function
 
+from .agent_client import AgentConnection
+
 EnvironmentId = NewType("EnvironmentId", str)
 
 
@@ -32,12 +34,15 @@ class Environment:
     handle: object = field(default=None, repr=False)
     #: Set by the dispatcher: the function's generation this environment was started for.
     generation: int = 0
-    #: Precomputed invocation URL (avoids a string build per request).
-    invoke_url: str = ""
+    #: The dispatcher's keep-alive connection to the agent (created on first use).
+    connection: AgentConnection | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        if not self.invoke_url:
-            self.invoke_url = f"{self.url}/2015-03-31/functions/function/invocations"
+    def connect(self) -> AgentConnection:
+        """The environment's connection, created from ``url`` (``http://host:port``) on first use."""
+        if self.connection is None:
+            host, _, port = self.url.removeprefix("http://").rstrip("/").rpartition(":")
+            self.connection = AgentConnection(host.strip("[]"), int(port))
+        return self.connection
 
 
 class StartError(Exception):

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-import aiohttp
-
 from lambdalet.names import function_arn
 from lambdalet.spec import Function
 
+from .agent_client import AgentConnectionError
 from .autoscaler import Decision, EnvironmentView, Observations, ScalingSpec, decide
 from .backend import Backend, Environment, EnvironmentId, StartError
 from .errors import (
@@ -45,7 +43,7 @@ from .settings import Settings
 log = logging.getLogger("lambdalet.gateway.dispatcher")
 
 LATEST = "$LATEST"
-_LARGE_BODY = 1 << 20
+_INVOKE_PATH = b"/2015-03-31/functions/function/invocations"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +81,7 @@ class _Pool:
         self.starting_on_demand = 0
         self.starting_provisioned = 0
         self.waiters: deque[asyncio.Future[Environment]] = deque()
-        self.timeout = aiohttp.ClientTimeout(total=function.spec.timeoutSeconds + 30)
+        self.timeout = function.spec.timeoutSeconds + 30.0
 
     @property
     def reserved(self) -> int | None:
@@ -101,12 +99,10 @@ class Dispatcher:
         backend: Backend,
         settings: Settings,
         metrics: Metrics,
-        session: aiohttp.ClientSession,
     ) -> None:
         self._backend = backend
         self._settings = settings
         self._metrics = metrics
-        self._session = session
         self._pools: dict[str, _Pool] = {}
         self._unreserved_in_flight = 0
         self._unreserved_limit = settings.concurrency_limit
@@ -150,7 +146,7 @@ class Dispatcher:
                 pool.function = function
                 pool.revision = revisions.get(name, "")
                 pool.generation += 1
-                pool.timeout = aiohttp.ClientTimeout(total=function.spec.timeoutSeconds + 30)
+                pool.timeout = function.spec.timeoutSeconds + 30.0
                 self._retire_idle(pool)
         reserved = sum(p.reserved or 0 for p in self._pools.values())
         self._unreserved_limit = max(0, self._settings.concurrency_limit - reserved)
@@ -303,21 +299,20 @@ class Dispatcher:
         if trace_id:
             headers["X-Amzn-Trace-Id"] = trace_id
         try:
-            # aiohttp copies large bytes bodies on the loop (and warns); a BytesIO is streamed instead.
-            data: bytes | io.BytesIO = payload if len(payload) < _LARGE_BODY else io.BytesIO(payload)
-            async with self._session.post(env.invoke_url, data=data, headers=headers, timeout=pool.timeout) as resp:
-                body = await resp.read()
-                status = resp.status
-                rh = resp.headers
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(pool.timeout):
+                response = await env.connect().post(_INVOKE_PATH, headers, payload)
+        except (OSError, AgentConnectionError, TimeoutError) as exc:
             raise ServiceError(f"the execution environment failed: {exc!r}") from exc
+        status = response.status
+        body = response.body
+        rh = response.headers
         if status != 200:
             raise ServiceError(f"the execution environment answered {status}: {body[:500]!r}")
         metrics = pool.metrics
-        function_error = rh.get("X-Amz-Function-Error")
-        duration = _ms(rh.get("X-Lambdalet-Duration-Ms"))
-        billed = _ms(rh.get("X-Lambdalet-Billed-Duration-Ms"))
-        init = _ms(rh.get("X-Lambdalet-Init-Duration-Ms"))
+        function_error = rh.get("x-amz-function-error")
+        duration = _ms(rh.get("x-lambdalet-duration-ms"))
+        billed = _ms(rh.get("x-lambdalet-billed-duration-ms"))
+        init = _ms(rh.get("x-lambdalet-init-duration-ms"))
         (metrics.outcomes["function_error"] if function_error else metrics.outcomes["success"]).inc()
         if duration is not None:
             metrics.duration.observe(duration / 1000)
@@ -329,10 +324,10 @@ class Dispatcher:
         return InvocationResult(
             request_id=request_id,
             payload=body,
-            content_type=rh.get("Content-Type", "application/json"),
+            content_type=rh.get("content-type", "application/json"),
             function_error=function_error,
-            log_result=rh.get("X-Amz-Log-Result"),
-            executed_version=rh.get("X-Amz-Executed-Version", LATEST),
+            log_result=rh.get("x-amz-log-result"),
+            executed_version=rh.get("x-amz-executed-version", LATEST),
             duration_ms=duration,
             billed_duration_ms=billed,
             init_duration_ms=init,
@@ -359,6 +354,8 @@ class Dispatcher:
         (pool.idle_provisioned if env.provisioned else pool.idle_on_demand).append(env)
 
     def _discard(self, env: Environment) -> None:
+        if env.connection is not None:
+            env.connection.close()
         pool = self._pools.get(env.function)
         if pool is not None:
             pool.idle_since.pop(env.id, None)

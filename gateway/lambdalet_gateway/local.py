@@ -145,7 +145,6 @@ class LocalBackend:
         try:
             port = await self._wait_port(proc, port_file)
             environment.url = f"http://127.0.0.1:{port}"
-            environment.invoke_url = f"{environment.url}/2015-03-31/functions/function/invocations"
             await self._wait_ready(proc, environment.url)
             handle.groups = await asyncio.to_thread(_child_groups, proc.pid)
         except BaseException:

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from lambdalet_gateway.backend import Environment, EnvironmentId, StartError
@@ -44,14 +43,25 @@ def function(name: str = "fn", **spec: Any) -> Function:
 class FakeAgent:
     """Answers invocations; holds them until ``release`` is set; records per-environment overlap."""
 
-    url: str = ""
     release: asyncio.Event = field(default_factory=asyncio.Event)
     running: dict[str, int] = field(default_factory=dict)
     max_running: dict[str, int] = field(default_factory=dict)
     calls: int = 0
 
-    async def handle(self, request: web.Request) -> web.Response:
-        env = request.match_info["env"]
+    async def serve(self, env: str) -> web.AppRunner:
+        """One agent server per environment, on an ephemeral loopback port."""
+
+        async def handle(request: web.Request) -> web.Response:
+            return await self.handle(env, request)
+
+        app = web.Application()
+        app.router.add_post("/2015-03-31/functions/function/invocations", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    async def handle(self, env: str, request: web.Request) -> web.Response:
         self.calls += 1
         self.running[env] = self.running.get(env, 0) + 1
         self.max_running[env] = max(self.max_running.get(env, 0), self.running[env])
@@ -70,13 +80,19 @@ class FakeBackend:
     fail: StartError | None = None
     started: list[Environment] = field(default_factory=list)
     stopped: list[Environment] = field(default_factory=list)
+    runners: list[web.AppRunner] = field(default_factory=list)
+    count: int = 0
 
     async def start(self, function: Function, *, provisioned: bool) -> Environment:
         await self.gate.wait()
         if self.fail is not None:
             raise self.fail
-        env_id = EnvironmentId(f"{function.name}-{len(self.started)}")
-        env = Environment(env_id, function.name, self.agent.url, provisioned, invoke_url=f"{self.agent.url}/i/{env_id}")
+        env_id = EnvironmentId(f"{function.name}-{self.count}")
+        self.count += 1
+        runner = await self.agent.serve(env_id)
+        self.runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        env = Environment(env_id, function.name, f"http://{host}:{port}", provisioned)
         self.started.append(env)
         return env
 
@@ -88,33 +104,29 @@ class FakeBackend:
 
 
 @pytest.fixture
-async def agent() -> AsyncIterator[FakeAgent]:
-    fake = FakeAgent()
-    app = web.Application()
-    app.router.add_post("/i/{env}", fake.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    fake.url = f"http://{host}:{port}"
-    yield fake
-    fake.release.set()
-    await runner.cleanup()
+def agent() -> FakeAgent:
+    return FakeAgent()
 
 
 @pytest.fixture
-def backend(agent: FakeAgent) -> FakeBackend:
+async def backend(agent: FakeAgent) -> AsyncIterator[FakeBackend]:
     fake = FakeBackend(agent)
     fake.gate.set()
-    return fake
+    yield fake
+    agent.release.set()
+    for runner in fake.runners:
+        await runner.cleanup()
 
 
-async def make(backend: FakeBackend, *functions: Function, **settings: Any) -> tuple[Dispatcher, aiohttp.ClientSession]:
-    session = aiohttp.ClientSession()
-    dispatcher = Dispatcher(backend, Settings(**settings), Metrics(), session)
+class Closer:
+    async def close(self) -> None:
+        pass
+
+
+async def make(backend: FakeBackend, *functions: Function, **settings: Any) -> tuple[Dispatcher, Closer]:
+    dispatcher = Dispatcher(backend, Settings(**settings), Metrics())
     dispatcher.set_functions({f.name: f for f in functions})
-    return dispatcher, session
+    return dispatcher, Closer()
 
 
 async def until(predicate: Any) -> None:

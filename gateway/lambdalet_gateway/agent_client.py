@@ -1,0 +1,201 @@
+"""The hot path's HTTP client: one keep-alive HTTP/1.1 connection per execution environment.
+
+An environment takes one invocation at a time, so each has at most one connection in use; this client
+keeps it open between invocations, writes each request with a single ``write`` (request line, headers and
+payload), and parses the agent's response (``Content-Length`` or chunked) without per-request objects
+beyond the result. A connection the agent closed while idle is detected (EOF before any response byte)
+and the request is sent once more on a new connection; nothing else is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+_MAX_HEAD = 64 * 1024
+#: Bodies above this are written as a second buffer rather than joined with the head.
+_JOIN_LIMIT = 64 * 1024
+
+
+class AgentConnectionError(ConnectionError):
+    """The agent closed the connection or answered with something that is not HTTP/1.1."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentResponse:
+    status: int
+    #: Lower-cased header names (the agent sends each at most once).
+    headers: dict[str, str]
+    body: bytes
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[None] | None = None
+        self.eof = False
+        self.error: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def more(self) -> None:
+        """Wait for more bytes; raise if the connection ended first."""
+        if self.eof:
+            raise AgentConnectionError(f"the agent closed the connection ({self.error!r})")
+        await self.wait()
+
+    async def wait(self) -> None:
+        """Wait for more bytes or the end of the connection."""
+        if self.eof:
+            return
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+
+class AgentConnection:
+    """A keep-alive connection to one agent; one request at a time."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._protocol: _Protocol | None = None
+        self._host_header = f"Host: {host}:{port}\r\n".encode()
+
+    @property
+    def open(self) -> bool:
+        return self._protocol is not None and not self._protocol.eof
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
+        self._protocol = protocol
+        return protocol
+
+    def close(self) -> None:
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._protocol = None
+
+    async def post(self, path: bytes, headers: dict[str, str], body: bytes) -> AgentResponse:
+        """POST ``body``; raise :class:`AgentConnectionError` (or ``OSError``) when the agent is gone."""
+        reused = self.open
+        protocol = self._protocol if reused else await self._connect()
+        assert protocol is not None
+        head = [b"POST ", path, b" HTTP/1.1\r\n", self._host_header]
+        for name, value in headers.items():
+            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        head.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        try:
+            return await self._exchange(protocol, head, body)
+        except AgentConnectionError:
+            if not reused or protocol.buffer:
+                raise
+        # The agent closed the idle keep-alive connection before it read this request: send it again.
+        self.close()
+        return await self._exchange(await self._connect(), head, body)
+
+    async def _exchange(self, protocol: _Protocol, head: list[bytes], body: bytes) -> AgentResponse:
+        transport = protocol.transport
+        assert transport is not None
+        if len(body) <= _JOIN_LIMIT:
+            transport.write(b"".join(head) + body)
+        else:
+            transport.write(b"".join(head))
+            transport.write(body)
+        try:
+            response, keep_alive = await _read_response(protocol)
+        except BaseException:
+            self.close()
+            raise
+        if not keep_alive:
+            self.close()
+        return response
+
+
+async def _read_response(protocol: _Protocol) -> tuple[AgentResponse, bool]:
+    buffer = protocol.buffer
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+        if len(buffer) > _MAX_HEAD:
+            raise AgentConnectionError("response head too large")
+        await protocol.more()
+    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+    del buffer[: end + 4]
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise AgentConnectionError(f"not an HTTP/1.1 response: {lines[0]!r}")
+    status = int(parts[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    keep_alive = headers.get("connection", "").lower() != "close" and parts[0] == "HTTP/1.1"
+    length = headers.get("content-length")
+    if length is not None:
+        size = int(length)
+        while len(buffer) < size:
+            await protocol.more()
+        body = bytes(buffer[:size])
+        del buffer[:size]
+    elif "chunked" in headers.get("transfer-encoding", "").lower():
+        body = await _read_chunked(protocol)
+    elif status in (204, 304) or 100 <= status < 200:
+        body = b""
+    else:
+        # no framing: the body runs to the end of the connection
+        while not protocol.eof:
+            await protocol.wait()
+        body = bytes(buffer)
+        buffer.clear()
+        keep_alive = False
+    return AgentResponse(status, headers, body), keep_alive
+
+
+async def _read_chunked(protocol: _Protocol) -> bytes:
+    buffer = protocol.buffer
+    chunks: list[bytes] = []
+    while True:
+        while (end := buffer.find(b"\r\n")) < 0:
+            await protocol.more()
+        size = int(bytes(buffer[:end]).split(b";", 1)[0], 16)
+        del buffer[: end + 2]
+        if size == 0:
+            # trailers, then the empty line
+            while True:
+                while (end := buffer.find(b"\r\n")) < 0:
+                    await protocol.more()
+                line = bytes(buffer[:end])
+                del buffer[: end + 2]
+                if not line:
+                    return b"".join(chunks)
+        while len(buffer) < size + 2:
+            await protocol.more()
+        chunks.append(bytes(buffer[:size]))
+        del buffer[: size + 2]
