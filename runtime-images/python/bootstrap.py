@@ -5,7 +5,7 @@ Started as ``python bootstrap.py`` with Lambda's environment (``_HANDLER``, ``AW
 allowed), then loops: ``GET /next`` -> call the handler -> ``POST /response`` or ``POST /error``.
 Errors have the shape AWS's Python runtime gives them (``errorMessage``, ``errorType``, ``requestId``,
 ``stackTrace`` with this file's frames trimmed); init failures are posted to ``/init/error`` and the
-process exits. It is on the cold-start path, so it imports only ``json`` and ``http.client`` up front.
+process exits. It is on the cold-start path, so it imports only ``json`` and ``socket`` up front.
 """
 
 # Cold start: pathlib costs several ms to import, so os.path is used; imports needed only on error paths
@@ -14,10 +14,10 @@ process exits. It is on the cold-start path, so it imports only ``json`` and ``h
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import os
+import socket
 import sys
 import time
 
@@ -45,44 +45,115 @@ class FaultError(Exception):
 # ---------------------------------------------------------------------------------------- Runtime API
 
 
+class Headers(dict[str, str]):
+    """Response headers by lower-case name; ``get`` takes any case (HTTP header names are case-insensitive)."""
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+
 class RuntimeClient:
-    """One persistent HTTP/1.1 connection to the Runtime API."""
+    """One persistent HTTP/1.1 connection to the Runtime API, spoken directly on a socket.
+
+    The Runtime API is a fixed, local peer: requests are written with one ``sendall`` and responses are
+    framed by ``Content-Length`` (or chunked), which costs a fraction of ``http.client`` per request and
+    keeps its imports (``email``, ``ssl``, ``urllib``) off the cold-start path.
+    """
 
     def __init__(self, address: str) -> None:
         host, _, port = address.rpartition(":")
         self._host = host
         self._port = int(port)
-        self._conn = http.client.HTTPConnection(host, self._port)
         self._prefix = f"/{RUNTIME_API_VERSION}/runtime"
+        self._head = f"Host: {address}\r\nUser-Agent: lambdalet-python-runtime\r\n".encode("latin-1")
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self._host, self._port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._buffer = b""
+        return sock
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
+        self._buffer = b""
 
     def _request(
-        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-    ) -> http.client.HTTPResponse:
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, Headers, bytes]:
+        head = [f"{method} {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1"), self._head]
+        for name, value in (headers or {}).items():
+            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        head.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        message = b"".join(head) + body
         for attempt in (0, 1):
             try:
-                self._conn.request(method, self._prefix + path, body=body, headers=headers or {})
-                return self._conn.getresponse()
-            except (ConnectionError, http.client.RemoteDisconnected, http.client.CannotSendRequest):
-                self._conn.close()
-                self._conn = http.client.HTTPConnection(self._host, self._port)
+                sock = self._sock or self._connect()
+                sock.sendall(message)
+                return self._response(sock)
+            except (ConnectionError, EOFError):
+                self._close()
                 if attempt:
                     raise
         raise AssertionError("unreachable")
 
-    def next(self) -> tuple[bytes, http.client.HTTPMessage]:
-        response = self._request("GET", "/invocation/next")
-        body = response.read()
-        if response.status != 200:
-            raise SystemExit(f"Runtime API /next failed: {response.status} {body[:200]!r}")
-        return body, response.headers
+    def _fill(self, sock: socket.socket) -> None:
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError("the Runtime API closed the connection")
+        self._buffer += data
+
+    def _response(self, sock: socket.socket) -> tuple[int, Headers, bytes]:
+        while (end := self._buffer.find(b"\r\n\r\n")) < 0:
+            self._fill(sock)
+        lines = self._buffer[:end].decode("latin-1").split("\r\n")
+        self._buffer = self._buffer[end + 4 :]
+        status = int(lines[0].split(" ", 2)[1])
+        headers = Headers()
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if (headers.get("transfer-encoding") or "").lower() == "chunked":
+            body = self._chunked(sock)
+        else:
+            length = int(headers.get("content-length") or 0)
+            while len(self._buffer) < length:
+                self._fill(sock)
+            body, self._buffer = self._buffer[:length], self._buffer[length:]
+        if (headers.get("connection") or "").lower() == "close":
+            self._close()
+        return status, headers, body
+
+    def _chunked(self, sock: socket.socket) -> bytes:
+        parts = []
+        while True:
+            while (end := self._buffer.find(b"\r\n")) < 0:
+                self._fill(sock)
+            size = int(self._buffer[:end].split(b";", 1)[0], 16)
+            self._buffer = self._buffer[end + 2 :]
+            while len(self._buffer) < size + 2:
+                self._fill(sock)
+            parts.append(self._buffer[:size])
+            self._buffer = self._buffer[size + 2 :]
+            if size == 0:
+                return b"".join(parts)
+
+    def next(self) -> tuple[bytes, Headers]:
+        status, headers, body = self._request("GET", "/invocation/next")
+        if status != 200:
+            raise SystemExit(f"Runtime API /next failed: {status} {body[:200]!r}")
+        return body, headers
 
     def _post(self, path: str, body: bytes, headers: dict[str, str]) -> None:
-        response = self._request("POST", path, body, headers)
-        data = response.read()
-        if response.status >= 500:
-            raise SystemExit(f"Runtime API {path} failed: {response.status} {data[:200]!r}")
-        if response.status != 202:
-            print(f"Runtime API {path}: {response.status} {data.decode(errors='replace')}", file=sys.stderr)
+        status, _, data = self._request("POST", path, body, headers)
+        if status >= 500:
+            raise SystemExit(f"Runtime API {path} failed: {status} {data[:200]!r}")
+        if status != 202:
+            print(f"Runtime API {path}: {status} {data.decode(errors='replace')}", file=sys.stderr)
 
     def respond(self, request_id: str, body: bytes, content_type: str) -> None:
         self._post(f"/invocation/{request_id}/response", body, {"Content-Type": content_type})
@@ -279,9 +350,9 @@ def _json_header(value: str | None, name: str) -> dict[str, object] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def handle(client: RuntimeClient, handler: object, body: bytes, headers: http.client.HTTPMessage) -> None:
+def handle(client: RuntimeClient, handler: object, body: bytes, headers: Headers) -> None:
     global _request_id
-    request_id = headers.get("Lambda-Runtime-Aws-Request-Id", "")
+    request_id = headers.get("Lambda-Runtime-Aws-Request-Id") or ""
     _request_id = request_id
     trace_id = headers.get("Lambda-Runtime-Trace-Id")
     if trace_id:
