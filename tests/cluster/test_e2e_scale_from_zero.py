@@ -1,0 +1,223 @@
+"""Functions on Kubernetes end to end, through the chart's gateway with its Kubernetes backend:
+`helm install` → a Function → Ready → boto3 through the gateway (its pod IP, the Service port) scales the
+Deployment 0 → 1 and answers → idle for idleTimeoutSeconds: back to 0 replicas, the process gone → a
+cold invoke works again → 20 concurrent invocations of `slow` (reservedConcurrency 10) run in exactly 10
+pods with the other 10 throttled → the HTTP route → deleting the Function makes the next invoke a
+ResourceNotFoundException."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.config
+import pytest
+import yaml
+from chart_support import Release, example_functions, helm, install, wait_ready
+from cluster_support import Cluster, http, wait_until
+
+IDLE_TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def release(cluster: Cluster) -> Iterator[Release]:
+    installed = install(cluster, "gateway.queueTimeoutSeconds=90")
+    yield installed
+    helm(cluster, "uninstall", installed.name, "--namespace", installed.namespace, check=False)
+    cluster.delete_namespace(installed.functions)
+    cluster.delete_namespace(installed.namespace)
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster: Cluster, release: Release) -> str:
+    """The gateway's URL: its pod IP and the Service's port."""
+    [service] = cluster.get("service", "-n", release.namespace, "-l", "app.kubernetes.io/component=gateway")["items"]
+    port = service["spec"]["ports"][0]["port"]
+    selector = f"app.kubernetes.io/instance={release.name},app.kubernetes.io/component=gateway"
+
+    def ready_ip() -> str | None:
+        for pod in cluster.get("pods", "-n", release.namespace, "-l", selector)["items"]:
+            statuses = pod["status"].get("containerStatuses") or []
+            if statuses and all(s["ready"] for s in statuses):
+                return str(pod["status"]["podIP"])
+        return None
+
+    ip = wait_until(ready_ip, 90, "the gateway pod to be ready")
+    return f"http://{ip}:{port}"
+
+
+def lambda_client(gateway: str) -> Any:
+    config = botocore.config.Config(retries={"total_max_attempts": 1}, read_timeout=120, max_pool_connections=32)
+    return boto3.client(
+        "lambda",
+        endpoint_url=gateway,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=config,
+    )
+
+
+def example(name: str, **spec: Any) -> dict[str, Any]:
+    """examples/<name>/function.yaml with its code inline (a cluster cannot read code.path)."""
+    [document] = [doc for folder, doc in example_functions() if folder == name]
+    document["spec"].update(spec)
+    return document
+
+
+def kubectl_apply(cluster: Cluster, namespace: str, document: dict[str, Any], tmp: Any) -> None:
+    path = tmp / f"{document['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    cluster.kubectl("apply", "-n", namespace, "-f", str(path))
+
+
+def replicas(cluster: Cluster, namespace: str, name: str) -> int:
+    return int(cluster.get("deployment", "-n", namespace, name)["spec"].get("replicas") or 0)
+
+
+def function_pods(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = cluster.get("pods", "-n", namespace, "-l", f"lambdalet.dev/function={name}")["items"]
+    return items
+
+
+def invoke(client: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    response = client.invoke(FunctionName=name, Payload=json.dumps(event).encode())
+    assert response["StatusCode"] == 200 and "FunctionError" not in response, response
+    result: dict[str, Any] = json.loads(response["Payload"].read())
+    return result
+
+
+def served(client: Any, name: str) -> bool | None:
+    """Whether the gateway knows the function yet (it learns of Functions by watching them)."""
+    try:
+        client.get_function(FunctionName=name)
+    except client.exceptions.ResourceNotFoundException:
+        return None
+    return True
+
+
+def agent_process(cluster: Cluster, namespace: str, pod: str) -> tuple[int, str]:
+    """(pid, start time) of the pod's function container, as the node stand-in recorded it."""
+    record = json.loads((cluster.pods_dir / f"{namespace}_{pod}" / "function.pid.json").read_text())
+    return int(record["pid"]), str(record["start"])
+
+
+def running(pid: int, start: str) -> bool:
+    """Whether that very process still lives (a reused pid has another start time)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] != "Z" and fields[19] == start
+
+
+def test_hello_scales_from_zero_to_zero_and_back(
+    cluster: Cluster, release: Release, gateway: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    namespace = release.functions
+    kubectl_apply(cluster, namespace, example("hello", idleTimeoutSeconds=IDLE_TIMEOUT_S), tmp_path_factory.mktemp("m"))
+    wait_ready(cluster, namespace, "hello")
+    assert replicas(cluster, namespace, "hello") == 0
+    assert function_pods(cluster, namespace, "hello") == []
+    client = lambda_client(gateway)
+
+    # The gateway learns about the Function by its watch; until then hello is unknown to it.
+    def first() -> dict[str, Any] | None:
+        try:
+            return invoke(client, "hello", {"name": "kube"})
+        except client.exceptions.ResourceNotFoundException:
+            return None
+
+    assert wait_until(first, 60, "the first invocation of hello") == {"message": "Hello, kube!"}
+    assert replicas(cluster, namespace, "hello") == 1
+    [pod] = function_pods(cluster, namespace, "hello")
+    process = agent_process(cluster, namespace, pod["metadata"]["name"]) if cluster.local else None
+    assert process is None or running(*process)
+    assert "greeting kube" in cluster.pod_log(namespace, pod["metadata"]["name"], "function")
+
+    # Idle for idleTimeoutSeconds: the gateway deletes the pod and scales the Deployment to zero.
+    wait_until(lambda: replicas(cluster, namespace, "hello") == 0, 30, "hello to scale to zero")
+    wait_until(lambda: function_pods(cluster, namespace, "hello") == [], 30, "hello's pod to be gone")
+    if process is not None:
+        wait_until(lambda: not running(*process), 30, "the agent process to exit")
+
+    # Cold again: a new pod, the same answer.
+    assert invoke(client, "hello", {"name": "again"}) == {"message": "Hello, again!"}
+    [second] = function_pods(cluster, namespace, "hello")
+    assert second["metadata"]["name"] != pod["metadata"]["name"]
+    assert replicas(cluster, namespace, "hello") == 1
+
+
+def test_concurrency_scales_out_to_reserved_concurrency_and_throttles_the_rest(
+    cluster: Cluster, release: Release, gateway: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    namespace = release.functions
+    document = example("slow")
+    reserved = document["spec"]["reservedConcurrency"]
+    kubectl_apply(cluster, namespace, document, tmp_path_factory.mktemp("m"))
+    wait_ready(cluster, namespace, "slow")
+    client = lambda_client(gateway)
+    wait_until(lambda: served(client, "slow"), 60, "the gateway to serve slow")
+    assert replicas(cluster, namespace, "slow") == 0
+
+    def call(_: int) -> str:
+        try:
+            result = invoke(client, "slow", {"seconds": 3})
+        except client.exceptions.TooManyRequestsException:
+            return "throttled"
+        assert result["slept"] == 3
+        return "ok"
+
+    with ThreadPoolExecutor(20) as pool:
+        outcomes = list(pool.map(call, range(20)))
+    assert outcomes.count("ok") == reserved and outcomes.count("throttled") == 20 - reserved
+    assert replicas(cluster, namespace, "slow") == reserved
+    # From the function's side: each admitted invocation ran in its own environment, one per pod.
+    pods = function_pods(cluster, namespace, "slow")
+    assert len(pods) == reserved
+    starts = [cluster.pod_log(namespace, p["metadata"]["name"], "function").count("START RequestId") for p in pods]
+    assert starts == [1] * reserved
+
+
+def test_http_route_through_the_gateway(
+    cluster: Cluster, release: Release, gateway: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    namespace = release.functions
+    kubectl_apply(cluster, namespace, example("http-echo"), tmp_path_factory.mktemp("m"))
+    wait_ready(cluster, namespace, "http-echo")
+
+    def answer() -> Any:
+        result = http("GET", f"{gateway}/fn/http-echo/items/42?color=blue", timeout=60)
+        return result if result.status == 200 else None
+
+    event = wait_until(answer, 60, "the HTTP route of http-echo").json()["event"]
+    assert event["version"] == "2.0"
+    assert event["rawPath"] == "/items/42" and event["queryStringParameters"] == {"color": "blue"}
+    assert event["requestContext"]["http"]["method"] == "GET"
+
+
+def test_deleted_function_is_not_found(
+    cluster: Cluster, release: Release, gateway: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    namespace = release.functions
+    kubectl_apply(cluster, namespace, example("hello", idleTimeoutSeconds=IDLE_TIMEOUT_S), tmp_path_factory.mktemp("m"))
+    wait_ready(cluster, namespace, "hello")
+    client = lambda_client(gateway)
+    wait_until(lambda: served(client, "hello"), 60, "the gateway to serve hello")
+    assert invoke(client, "hello", {})["message"] == "Hello, world!"
+    cluster.kubectl("delete", "function", "-n", namespace, "hello")
+
+    def not_found() -> str | None:
+        try:
+            invoke(client, "hello", {})
+        except client.exceptions.ResourceNotFoundException as error:
+            return str(error)
+        return None
+
+    message = wait_until(not_found, 30, "invoking the deleted hello to be ResourceNotFoundException")
+    assert "hello" in message
