@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from lambdalet_agent.agent import Agent
 from lambdalet_agent.settings import from_args
 from multidict import CIMultiDictProxy
@@ -111,6 +112,17 @@ FLAVORS: tuple[Flavor, ...] = (
     Flavor("provided.al2-go", "provided.al2", GO, "bootstrap", "ConformanceError", _GO_INIT, build=True),
 )
 FLAVOR_IDS = [flavor.id for flavor in FLAVORS]
+#: The first use of AWS's Node.js client builds its native addon from source (about two minutes on two
+#: cores): tests that may be first get this much time instead of the default.
+PEER_BUILD_TIMEOUT = pytest.mark.timeout(600)
+
+
+def flavor_params() -> list[Any]:
+    """``FLAVORS`` as pytest parameters, with room for building AWS's Node.js client where it is used."""
+    return [
+        pytest.param(flavor, id=flavor.id, marks=[PEER_BUILD_TIMEOUT] if flavor.peer == "node-ric" else [])
+        for flavor in FLAVORS
+    ]
 
 
 def node_ric() -> str:

@@ -8,7 +8,7 @@ AWS's own runtime interface clients (npm ``aws-lambda-ric``, ``awslambdaric``, t
 from __future__ import annotations
 
 import pytest
-from runtimes_support import FLAVOR_IDS, FLAVORS, FUNCTION_NAME, Flavor, Toolchains, running
+from runtimes_support import FUNCTION_NAME, Flavor, Toolchains, flavor_params, running
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def toolchains() -> Toolchains:
     return Toolchains()
 
 
-@pytest.fixture(params=FLAVORS, ids=FLAVOR_IDS)
+@pytest.fixture(params=flavor_params())
 def flavor(request: pytest.FixtureRequest) -> Flavor:
     param: Flavor = request.param
     return param

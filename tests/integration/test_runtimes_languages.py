@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runtimes_support import FUNCTIONS, Invoked, Toolchains, flavor_by_id, running
+from runtimes_support import FUNCTIONS, PEER_BUILD_TIMEOUT, Invoked, Toolchains, flavor_by_id, running
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +83,7 @@ NODE_CASES: list[tuple[str, Any]] = [
 ]
 
 
+@PEER_BUILD_TIMEOUT
 @pytest.mark.parametrize(("handler", "expected"), NODE_CASES, ids=[case[0] for case in NODE_CASES])
 async def test_nodejs_handler_forms_match_aws(toolchains: Toolchains, handler: str, expected: Any) -> None:
     event = {"action": "echo", "payload": "ok", "name": "Ada"}
@@ -105,6 +106,7 @@ async def test_nodejs_callback_without_waiting_answers_before_timers(toolchains:
         assert float(invoked.headers["X-Lambdalet-Duration-Ms"]) < 1500, "did not wait for the 2 s timer"
 
 
+@PEER_BUILD_TIMEOUT
 @pytest.mark.parametrize("flavor_id", ["nodejs20.x", "nodejs20.x-aws-ric", "ruby3.3"])
 async def test_client_context_identity_and_trace(toolchains: Toolchains, flavor_id: str) -> None:
     flavor = flavor_by_id(flavor_id)
