@@ -58,6 +58,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.scanning.disabled = True
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # kopf's health endpoint logs every probe through aiohttp's access log: keep only problems.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     api, _configuration = await kube.Kube.connect(os.environ)
     memo[MEMO_API] = api
     memo[MEMO_SETTINGS] = Settings.from_env(os.environ)
