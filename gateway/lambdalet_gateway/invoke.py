@@ -100,7 +100,7 @@ async def _invoke(request: web.Request, request_id: str) -> web.StreamResponse:
         request_id=request_id,
         client_context=headers.get("X-Amz-Client-Context"),
         log_tail=log_type == "Tail",
-        invoked_arn=dispatcher.arn(ref.name, ref.qualifier),
+        invoked_arn=dispatcher.arn(ref.name, ref.qualifier) if ref.qualifier else None,
         trace_id=headers.get("X-Amzn-Trace-Id"),
     )
     out = {

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -105,3 +106,57 @@ def test_metrics(endpoint: str) -> None:
     assert 'lambdalet_invocation_duration_seconds_count{function="hello"}' in text
     with urllib.request.urlopen(endpoint + "/healthz", timeout=10) as response:
         assert response.status == 200
+
+
+def test_logs_follow(endpoint: str) -> None:
+    follower = subprocess.Popen(
+        [LAMBDALET, "logs", "hello", "-f", "--endpoint", endpoint], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert run("invoke", "hello", "--payload", '{"name": "followed"}', "--endpoint", endpoint).returncode == 0
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            if "greeting followed" in line:
+                break
+    finally:
+        follower.terminate()
+        follower.communicate(timeout=10)
+
+
+def test_gateway_module_entrypoint(tmp_path: Path) -> None:
+    port = free_port()
+    env = os.environ | {"LAMBDALET_BIND_ADDRESS": "127.0.0.1", "LAMBDALET_GATEWAY_PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lambdalet_gateway", str(EXAMPLES / "hello")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=60, what="python -m lambdalet_gateway")
+        request = urllib.request.Request(url + "/2015-03-31/functions/hello/invocations", data=b'{"name":"m"}')
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read()) == {"message": "Hello, m!"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    bad = subprocess.run(
+        [sys.executable, "-m", "lambdalet_gateway"],
+        env=os.environ | {"LAMBDALET_CONCURRENCY_LIMIT": "lots"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "LAMBDALET_CONCURRENCY_LIMIT" in bad.stderr
