@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -281,6 +281,44 @@ class Api:
                     if line.strip():
                         event: Json = json.loads(line)
                         yield event
+
+
+async def follow(
+    api: Api,
+    path: str,
+    selector: dict[str, str],
+    on_list: Callable[[list[Json]], None],
+    on_event: Callable[[str, Json], None],
+    *,
+    retry_delay: float = 1.0,
+) -> NoReturn:
+    """List, then watch from the list's resourceVersion, forever: reconnects from the last version seen
+    (bookmarks keep it fresh) and lists again when the version has expired (410 Gone)."""
+    version: str | None = None
+    while True:
+        try:
+            if version is None:
+                listing = await api.get(path, selector)
+                version = str(listing["metadata"]["resourceVersion"])
+                on_list(listing["items"])
+            params = {**selector, "resourceVersion": version, "allowWatchBookmarks": "true", "timeoutSeconds": "300"}
+            async for event in api.watch(path, params):
+                obj = event["object"]
+                if event["type"] == "ERROR":
+                    raise ApiError(int(obj.get("code", 500)), json.dumps(obj))
+                version = str(obj["metadata"]["resourceVersion"])
+                if event["type"] != "BOOKMARK":
+                    on_event(event["type"], obj)
+        except ApiError as error:
+            if error.status == 410:
+                log.info("watch of %s expired (410 Gone); listing again", path)
+                version = None
+                continue
+            log.warning("watch of %s: %s; reconnecting", path, error)
+            await asyncio.sleep(retry_delay)
+        except (aiohttp.ClientError, TimeoutError, ConnectionError, ValueError) as error:
+            log.warning("watch of %s: %s; reconnecting", path, error)
+            await asyncio.sleep(retry_delay)
 
 
 # ---------------------------------------------------------------------------------------------- addresses
@@ -1412,45 +1450,17 @@ class Node:
                 {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
             )
 
+    def _relisted(self, pods: list[Json]) -> None:
+        listed = {p["metadata"]["uid"] for p in pods}
+        for uid, runner in list(self.pods.items()):
+            if uid not in listed:
+                runner.force_stop()
+        for pod in pods:
+            self._handle("MODIFIED", pod)
+
     async def watch_pods(self) -> None:
         selector = {"fieldSelector": f"spec.nodeName={self.name}"}
-        version: str | None = None
-        while True:
-            try:
-                if version is None:
-                    listing = await self.api.get("/api/v1/pods", selector)
-                    version = listing["metadata"]["resourceVersion"]
-                    listed = {p["metadata"]["uid"] for p in listing["items"]}
-                    for uid, runner in list(self.pods.items()):
-                        if uid not in listed:
-                            runner.force_stop()
-                    for pod in listing["items"]:
-                        self._handle("MODIFIED", pod)
-                params = {
-                    **selector,
-                    "resourceVersion": version,
-                    "allowWatchBookmarks": "true",
-                    "timeoutSeconds": "300",
-                }
-                async for event in self.api.watch("/api/v1/pods", params):
-                    obj = event["object"]
-                    if event["type"] == "ERROR":
-                        if obj.get("code") == 410:
-                            log.info("watch expired (410 Gone); relisting")
-                            version = None
-                            break
-                        raise ApiError(int(obj.get("code", 500)), json.dumps(obj))
-                    version = obj["metadata"]["resourceVersion"]
-                    if event["type"] != "BOOKMARK":
-                        self._handle(event["type"], obj)
-            except ApiError as error:
-                if error.status == 410:
-                    version = None
-                log.warning("pod watch: %s; reconnecting", error)
-                await asyncio.sleep(1)
-            except (aiohttp.ClientError, TimeoutError, ConnectionError) as error:
-                log.warning("pod watch: %s; reconnecting", error)
-                await asyncio.sleep(1)
+        await follow(self.api, "/api/v1/pods", selector, self._relisted, self._handle)
 
     async def shutdown(self) -> None:
         """On SIGTERM: stop every pod's processes (not the pod objects; a restarted node runs them again)."""
