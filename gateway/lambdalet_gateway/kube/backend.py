@@ -29,10 +29,10 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from lambdalet.spec import Function
 from lambdalet_gateway.backend import Environment, EnvironmentId, LostCallback, StartError
@@ -77,6 +77,24 @@ class _FunctionState:
         return self.namespace, self.name
 
 
+class Api(Protocol):
+    """What the backend needs of :class:`~lambdalet_gateway.kube.api.KubeApi` (tests pass a fake)."""
+
+    async def list(self, kind: tuple[str, str], namespace: str | None, selector: str = "") -> tuple[list[Obj], str]: ...
+
+    def watch(
+        self, kind: tuple[str, str], namespace: str | None, resource_version: str, selector: str = ""
+    ) -> AsyncIterator[Obj]: ...
+
+    async def get_scale(self, namespace: str, deployment: str) -> int: ...
+
+    async def set_scale(self, namespace: str, deployment: str, replicas: int) -> int: ...
+
+    async def delete_pod(self, namespace: str, name: str, uid: str | None) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class FunctionWatch(Registry):
     """The function registry of a gateway on Kubernetes: Functions come from the API, not manifests."""
 
@@ -98,12 +116,20 @@ class FunctionWatch(Registry):
 
 
 class KubernetesBackend:
-    def __init__(self, settings: Settings, on_lost: LostCallback, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_lost: LostCallback,
+        *,
+        environ: Mapping[str, str] | None = None,
+        api: Api | None = None,
+    ) -> None:
         self._settings = settings
         self._on_lost = on_lost
         self._environ = dict(os.environ if environ is None else environ)
         self._scopes: tuple[str | None, ...] = settings.namespaces or (None,)
-        self._api: KubeApi | None = None
+        self._api: Api | None = api
+        self._opened = False
         self._connected = asyncio.Event()
         self._closed = asyncio.Event()
         self._registry: FunctionWatch | None = None
@@ -122,10 +148,12 @@ class KubernetesBackend:
         return self._registry
 
     async def open(self, registry: FunctionWatch) -> None:
-        if self._api is not None:
+        if self._opened:
             return
+        self._opened = True
         self._registry = registry
-        self._api = await KubeApi.connect(self._environ)
+        if self._api is None:
+            self._api = await KubeApi.connect(self._environ)
         kinds: list[
             tuple[tuple[str, str], str, Callable[[str | None, list[Obj]], None], Callable[[str, Obj], None]]
         ] = [
