@@ -5,11 +5,14 @@
 // the Node.js context object, and the error shapes of AWS's Node.js runtime interface client
 // (`{errorType, errorMessage, trace}`; init errors `Runtime.ImportModuleError`, `Runtime.HandlerNotFound`,
 // `Runtime.UserCodeSyntaxError`, `Runtime.MalformedHandlerName`). An init error is reported, then the
-// process exits.
+// process exits. Response streaming: `awslambda.streamifyResponse(handler)` and
+// `awslambda.HttpResponseStream.from(stream, prelude)`, as AWS's client provides them.
 
 import fs from 'node:fs';
 import http from 'node:http';
 import { createRequire } from 'node:module';
+import { Writable } from 'node:stream';
+import { finished } from 'node:stream/promises';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import util from 'node:util';
@@ -70,6 +73,67 @@ class RuntimeClient {
   initError(error) {
     const shape = toErrorShape(error);
     return this.post('/init/error', JSON.stringify(shape), 'application/json', shape.errorType);
+  }
+
+  // A streamed response: a chunked POST /response opened at once (as AWS's client does), so a failure,
+  // whenever it happens, travels in the error trailers.
+  stream(id) {
+    const request = http.request({
+      host: this.host,
+      port: this.port,
+      method: 'POST',
+      path: `${API}/invocation/${encodeURIComponent(id)}/response`,
+      agent: this.agent,
+      headers: {
+        'Content-Type': 'application/octet-stream',
+        'Transfer-Encoding': 'chunked',
+        'Lambda-Runtime-Function-Response-Mode': 'streaming',
+        Trailer: 'Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body',
+      },
+    });
+    const answered = new Promise((resolve, reject) => {
+      request.on('response', (res) => {
+        res.resume();
+        res.on('end', resolve);
+      });
+      request.on('error', reject);
+    });
+    let prelude;
+    let wrote = false;
+    const stream = new Writable({
+      write: (chunk, encoding, callback) => {
+        if (!wrote && prelude !== undefined) {
+          request.write(prelude);
+          request.write(Buffer.alloc(8)); // eight NUL bytes end the HTTP integration prelude
+        }
+        wrote = true;
+        request.write(chunk, encoding, callback);
+      },
+      final: (callback) => {
+        request.end();
+        callback();
+      },
+    });
+    stream.setContentType = (value) => request.setHeader('Content-Type', value);
+    stream.setPrelude = (value) => {
+      prelude = value;
+    };
+    return {
+      stream,
+      // Resolves once the Runtime API has answered the (ended) response.
+      finished: () => answered,
+      fail: (error) => {
+        if (!request.writableEnded) {
+          const shape = toErrorShape(error);
+          request.addTrailers({
+            'Lambda-Runtime-Function-Error-Type': shape.errorType,
+            'Lambda-Runtime-Function-Error-Body': Buffer.from(JSON.stringify(shape)).toString('base64'),
+          });
+          request.end();
+        }
+        return answered;
+      },
+    };
   }
 
   async post(urlPath, body, contentType, errorType) {
@@ -177,6 +241,22 @@ async function loadModule(taskRoot, moduleRoot, name) {
   return require(require.resolve(name, { paths: [taskRoot, moduleRoot] }));
 }
 
+const STREAMING = Symbol.for('aws.lambda.runtime.handler.streaming');
+
+globalThis.awslambda = {
+  streamifyResponse: (handler) => {
+    handler[STREAMING] = 'response';
+    return handler;
+  },
+  HttpResponseStream: {
+    from: (stream, prelude) => {
+      stream.setContentType('application/vnd.awslambda.http-integration-response');
+      stream.setPrelude(JSON.stringify(prelude));
+      return stream;
+    },
+  },
+};
+
 async function loadHandler(taskRoot, handlerString) {
   if (handlerString.includes('..')) {
     throw new RuntimeError(
@@ -238,6 +318,40 @@ function buildContext(headers, callbacks) {
     tenantId: headers['lambda-runtime-aws-tenant-id'],
     getRemainingTimeInMillis: () => deadline - Date.now(),
   });
+}
+
+async function invokeStreaming(client, handler, invocation) {
+  const headers = invocation.headers;
+  const id = headers['lambda-runtime-aws-request-id'];
+  currentRequestId = id;
+  if (headers['lambda-runtime-trace-id']) process.env._X_AMZN_TRACE_ID = headers['lambda-runtime-trace-id'];
+  else delete process.env._X_AMZN_TRACE_ID;
+  const response = client.stream(id);
+  const fail = async (error) => {
+    logError('Invoke Error', error);
+    await response.fail(error);
+  };
+  reportFatal = (error, code) => {
+    fail(error).finally(() => process.exit(code));
+  };
+  onEmptyEventLoop = () => {};
+  try {
+    const event = JSON.parse(invocation.body.toString('utf8'));
+    const result = handler(event, response.stream, buildContext(headers, {}));
+    if (!result || typeof result.then !== 'function') {
+      await fail(new Error('Streaming does not support non-async handlers.'));
+      return;
+    }
+    await result;
+    if (!response.stream.writableEnded) {
+      await fail(new Error('Response stream is not finished.'));
+      return;
+    }
+    await finished(response.stream); // the writes still buffered when the handler returned
+    await response.finished();
+  } catch (error) {
+    await fail(error);
+  }
 }
 
 function invokeOnce(client, handler, isAsync, invocation) {
@@ -336,9 +450,11 @@ async function main() {
     process.exit(1);
   }
   const isAsync = handler.constructor?.name === 'AsyncFunction';
+  const streaming = handler[STREAMING] === 'response';
   for (;;) {
     const invocation = await client.next();
-    await invokeOnce(client, handler, isAsync, invocation);
+    if (streaming) await invokeStreaming(client, handler, invocation);
+    else await invokeOnce(client, handler, isAsync, invocation);
   }
 }
 

@@ -1,7 +1,8 @@
 """What each language's runtime supports beyond the shared conformance cases, through the agent.
 
 Node.js: every handler form (CommonJS, ``.mjs``, ``"type": "module"``, callback with and without waiting
-for the event loop, ``context.succeed``, sync handlers, errors from timers and unhandled rejections) and
+for the event loop, ``context.succeed``, sync handlers, errors from timers and unhandled rejections,
+response streaming with ``awslambda.streamifyResponse`` and ``HttpResponseStream``) and
 every init error type, each run with our bootstrap and with AWS's ``aws-lambda-ric``, which must agree.
 Ruby: class handlers, the exit after a NoMethodError, init error types. Java: RequestStreamHandler and a
 missing class. ``provided``: a shell-script bootstrap runs as is; a missing or non-executable bootstrap is
@@ -97,6 +98,36 @@ async def test_nodejs_handler_forms_match_aws(toolchains: Toolchains, handler: s
     assert status == 200
     assert body == expected
     assert function_error == ("Unhandled" if isinstance(expected, dict) and "errorType" in expected else None)
+
+
+STREAMING_CASES: list[tuple[str, str, bytes]] = [
+    ("streaming.chunks", "text/plain", "chunk 0 ✓\nchunk 1 ✓\nchunk 2 ✓\n".encode()),
+    (
+        "streaming.http",
+        "application/vnd.awslambda.http-integration-response",
+        b'{"statusCode":201,"headers":{"x-custom":"yes"}}' + b"\0" * 8 + b"hello Ada",
+    ),
+    ("streaming.failsMidStream", "application/octet-stream", b"partial"),
+    ("streaming.failsBeforeWriting", "application/octet-stream", b""),
+    ("streaming.neverEnds", "application/octet-stream", b"started"),
+]
+
+
+@PEER_BUILD_TIMEOUT
+@pytest.mark.parametrize(
+    ("handler", "content_type", "expected"), STREAMING_CASES, ids=[case[0] for case in STREAMING_CASES]
+)
+async def test_nodejs_response_streaming_matches_aws(
+    toolchains: Toolchains, handler: str, content_type: str, expected: bytes
+) -> None:
+    seen = []
+    for flavor in (NODE_OURS, NODE_AWS):
+        async with running(toolchains, flavor, handler=handler) as env:
+            for _ in range(2):  # the environment serves the next invocation after a streamed one
+                invoked = await env.invoke({"count": 3, "name": "Ada"})
+                seen.append((invoked.status, invoked.headers.get("Content-Type"), invoked.body))
+    assert seen[:2] == seen[2:], "our bootstrap and AWS's aws-lambda-ric stream the same"
+    assert seen[0] == (200, content_type, expected)
 
 
 async def test_nodejs_callback_without_waiting_answers_before_timers(toolchains: Toolchains) -> None:
