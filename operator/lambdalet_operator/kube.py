@@ -135,7 +135,7 @@ async def load_configuration(environ: Mapping[str, str]) -> k8s.Configuration:
 
 async def credentials(configuration: k8s.Configuration) -> Credentials:
     header = await configuration.get_api_key_with_prefix("BearerToken")
-    token = str(header).split(" ", 1)[-1] if header else None
+    token = str(header).split(" ", 1)[-1].strip() if header else None
     return Credentials(
         server=str(configuration.host),
         ca_path=configuration.ssl_ca_cert,
