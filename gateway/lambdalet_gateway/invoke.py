@@ -121,6 +121,8 @@ def _http_error(status: int, message: str, request_id: str, error_type: str | No
     headers = {"Content-Type": "application/json", "x-amzn-RequestId": request_id}
     if error_type:
         headers["x-amzn-ErrorType"] = error_type
+    if status == 429:
+        headers["Retry-After"] = "1"
     return web.Response(status=status, body=json.dumps({"message": message}).encode(), headers=headers)
 
 
