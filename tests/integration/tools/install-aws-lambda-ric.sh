@@ -13,6 +13,17 @@ if [ ! -x "$BIN" ]; then
   for tool in g++ make cmake autoconf automake libtoolize npm; do
     command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
   done
+  if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    # As `make`'s apt step does for the other Debian packages the tests need.
+    echo "installing build tools for aws-lambda-ric:$missing" >&2
+    packages=$(echo "$missing" | sed 's/libtoolize/libtool/; s/g++/g++/')
+    # shellcheck disable=SC2086 (one word per package)
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages; } >&2
+    missing=""
+    for tool in g++ make cmake autoconf automake libtoolize npm; do
+      command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+    done
+  fi
   if [ -n "$missing" ]; then
     echo "aws-lambda-ric $VERSION needs these build tools on PATH:$missing (Debian: g++ make cmake autoconf automake libtool npm)" >&2
     exit 1
