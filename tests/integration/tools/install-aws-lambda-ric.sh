@@ -16,7 +16,7 @@ if [ ! -x "$BIN" ]; then
   if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     # As `make`'s apt step does for the other Debian packages the tests need.
     echo "installing build tools for aws-lambda-ric:$missing" >&2
-    packages=$(echo "$missing" | sed 's/libtoolize/libtool/; s/g++/g++/')
+    packages=$(echo "$missing" | sed 's/libtoolize/libtool/')
     # shellcheck disable=SC2086 (one word per package)
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages; } >&2
     missing=""
