@@ -34,6 +34,7 @@ from .backend import Environment, EnvironmentId, LostCallback, StartError
 from .cpu import CpuCgroups
 from .logs import LogStore
 from .settings import Settings
+from .standby import StandbyPool
 
 log = logging.getLogger("lambdalet.gateway.local")
 
@@ -84,6 +85,11 @@ class LocalBackend:
         env["PYTHONUNBUFFERED"] = "1"
         self._base_env = env
         self._cpu = CpuCgroups.detect() if settings.cpu_limits else None
+        # Pre-started agents (see standby.py): opt-in, LAMBDALET_STANDBY_AGENTS=N keeps N ready.
+        standby = int(os.environ.get("LAMBDALET_STANDBY_AGENTS") or 0)
+        self._standby = StandbyPool(settings.agent_python, env, standby) if standby > 0 else None
+        if self._standby is not None:
+            self._standby.fill_soon()
         if self._cpu is not None:
             log.info("CPU limits (memoryMB/1769 of a CPU per environment): %s", self._cpu.mechanism)
 
@@ -124,18 +130,20 @@ class LocalBackend:
         for key, value in spec.environment.variables.items():
             argv += ["--env", f"{key}={value}"]
         cgroup = await asyncio.to_thread(self._cpu.create, env_id, spec.memoryMB) if self._cpu else None
-        if cgroup is not None:
-            # join the CPU cgroup before the agent (and the runtime it starts) runs a single instruction
-            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup), *argv]
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._base_env,
-            cwd=str(code_dir),
-            start_new_session=True,
-        )
+        proc = await self._standby.take(argv[3:], str(code_dir), cgroup) if self._standby is not None else None
+        if proc is None:
+            if cgroup is not None:
+                # join the CPU cgroup before the agent (and the runtime it starts) runs a single instruction
+                argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup), *argv]
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._base_env,
+                cwd=str(code_dir),
+                start_new_session=True,
+            )
         handle = _Process(proc, cgroup=cgroup)
         environment = Environment(id=env_id, function=function.name, url="", provisioned=provisioned, handle=handle)
         handle.readers = [
@@ -278,6 +286,8 @@ class LocalBackend:
                 await reader
 
     async def close(self) -> None:
+        if self._standby is not None:
+            await self._standby.close()
         environments = list(self._environments.values())
         await asyncio.gather(*(self.stop(env) for env in environments), return_exceptions=True)
         if self._session is not None:
