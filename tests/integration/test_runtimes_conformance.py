@@ -1,11 +1,14 @@
 """One conformance suite over every runtime, through the agent: success, raised error (type and message),
-timeout and reset, crash and reset, init error, context fields, 6 MB payloads and unicode give the same
-caller-visible results on Python, Node.js, Java, Ruby and Go (``provided``) — with our bootstraps and with
+timeout and reset, crash and reset, init error, context fields, 6 MB payloads, unicode and the function's
+output in the invocation log give the same caller-visible results on Python, Node.js, Java, Ruby and Go
+(``provided``) — with our bootstraps and with
 AWS's own runtime interface clients (npm ``aws-lambda-ric``, ``awslambdaric``, the Java client,
 ``aws-lambda-go``) as peers. Error types are each language's Lambda naming, as AWS's clients produce them.
 """
 
 from __future__ import annotations
+
+import base64
 
 import pytest
 from runtimes_support import FUNCTION_NAME, Flavor, Toolchains, flavor_params, running
@@ -123,3 +126,14 @@ async def test_unicode_round_trip(toolchains: Toolchains, flavor: Flavor) -> Non
         echoed = await env.invoke({"action": "echo", "payload": {UNICODE: [UNICODE, "ß", "🙂"]}})
         assert echoed.function_error is None, echoed.body
         assert echoed.json() == {"echo": {UNICODE: [UNICODE, "ß", "🙂"]}}
+
+
+async def test_function_output_is_in_the_invocation_log(toolchains: Toolchains, flavor: Flavor) -> None:
+    async with running(toolchains, flavor) as env:
+        invoked = await env.invoke({"action": "log", "message": "✓ written"}, headers={"X-Amz-Log-Type": "Tail"})
+        assert invoked.json() == {"logged": True}
+        tail = base64.b64decode(invoked.headers["X-Amz-Log-Result"]).decode()
+        assert "conformance log ✓ written" in tail
+        request_id = invoked.headers["x-amzn-RequestId"]
+        assert f"START RequestId: {request_id}" in tail
+        assert f"REPORT RequestId: {request_id}" in tail

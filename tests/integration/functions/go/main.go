@@ -34,6 +34,9 @@ func handle(ctx context.Context, ev event) (map[string]any, error) {
 	switch ev.Action {
 	case "echo":
 		return map[string]any{"echo": ev.Payload}, nil
+	case "log":
+		fmt.Printf("conformance log %s\n", ev.Message)
+		return map[string]any{"logged": true}, nil
 	case "count":
 		return map[string]any{"count": invocations}, nil
 	case "error":

@@ -15,6 +15,9 @@ exports.handler = async (event, context) => {
   switch (event.action) {
     case 'echo':
       return { echo: event.payload };
+    case 'log':
+      console.log(`conformance log ${event.message}`);
+      return { logged: true };
     case 'count':
       return { count: invocations };
     case 'error':

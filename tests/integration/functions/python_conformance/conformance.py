@@ -20,6 +20,9 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     action = event.get("action")
     if action == "echo":
         return {"echo": event.get("payload")}
+    if action == "log":
+        print(f"conformance log {event['message']}")
+        return {"logged": True}
     if action == "count":
         return {"count": _invocations}
     if action == "error":

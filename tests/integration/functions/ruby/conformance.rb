@@ -11,6 +11,9 @@ def handler(event:, context:)
   case event['action']
   when 'echo' then { echo: event['payload'] }
   when 'count' then { count: $invocations }
+  when 'log'
+    puts "conformance log #{event['message']}"
+    { logged: true }
   when 'error' then raise ConformanceError, event['message']
   when 'sleep'
     sleep(event['seconds'])

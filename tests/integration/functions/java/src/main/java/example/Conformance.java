@@ -18,6 +18,10 @@ public class Conformance implements RequestHandler<Map<String, Object>, Map<Stri
             case "echo":
                 out.put("echo", event.get("payload"));
                 return out;
+            case "log":
+                System.out.println("conformance log " + event.get("message"));
+                out.put("logged", true);
+                return out;
             case "count":
                 out.put("count", invocations);
                 return out;
