@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from gateway_support import no_blocking
 from lambdalet_gateway.backend import Environment, EnvironmentId, StartError
 from lambdalet_gateway.dispatcher import Dispatcher
 from lambdalet_gateway.errors import (
@@ -25,6 +26,8 @@ from lambdalet_gateway.metrics import Metrics
 from lambdalet_gateway.settings import Settings
 
 from lambdalet.spec import Function
+
+pytestmark = pytest.mark.usefixtures(no_blocking.__name__)
 
 
 def function(name: str = "fn", **spec: Any) -> Function:
