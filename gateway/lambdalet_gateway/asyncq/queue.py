@@ -16,10 +16,11 @@ class QueueUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A destination record for a queue subject."""
+    """A destination record for a queue subject; ``id`` lets a broker drop a re-sent copy."""
 
     subject: str
     body: bytes
+    id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

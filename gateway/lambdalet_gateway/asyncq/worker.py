@@ -40,6 +40,8 @@ log = logging.getLogger("lambdalet.asyncq.worker")
 POLL_SECONDS = 0.2
 DEPTH_SECONDS = 2.0
 SETTLE_RETRY_SECONDS = 0.5
+SETTLE_GIVE_UP_SECONDS = 300.0
+_RECORDS = uuid.UUID("6c616d62-6461-6c65-7400-6173796e6371")
 
 
 class Worker:
@@ -168,9 +170,14 @@ class Worker:
 
     async def _deliver(self, delivery: Delivery) -> None:
         name = delivery.event.function
+        # The lease is kept alive for the whole delivery: the invocation and its settlement.
+        beat = asyncio.create_task(self._heartbeat(delivery))
         try:
             await self._deliver_one(delivery)
         finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
             self._inflight[name] -= 1
             if self._inflight[name] <= 0:
                 del self._inflight[name]
@@ -234,13 +241,7 @@ class Worker:
 
     async def _invoke(self, delivery: Delivery) -> InvokeResult:
         event = delivery.event
-        beat = asyncio.create_task(self._heartbeat(delivery))
-        try:
-            return await self.invoker.invoke(event.function, event.payload, request_id=event.request_id)
-        finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+        return await self.invoker.invoke(event.function, event.payload, request_id=event.request_id)
 
     async def _heartbeat(self, delivery: Delivery) -> None:
         while True:
@@ -261,7 +262,7 @@ class Worker:
         kind = ""
         if destination is not None:
             record = policy.destination_record(event, function, condition, last, self.clock())
-            settlement, kind = self._route(destination, json.dumps(record).encode())
+            settlement, kind = self._route(destination, event, condition, json.dumps(record).encode())
         if destination is not None and not kind:
             self.metrics.destination_failures.labels(function.name, "function").inc()
             log.error(
@@ -275,13 +276,17 @@ class Worker:
             if kind == "function" and destination is not None and destination.function is not None:
                 self.metrics.received.labels(destination.function).inc()
 
-    def _route(self, destination: Destination, record: bytes) -> tuple[Settlement, str]:
+    def _route(
+        self, destination: Destination, source: Event, condition: policy.Condition, record: bytes
+    ) -> tuple[Settlement, str]:
+        # Derived from the source event, so settling the same event twice (after a crash) stores one record.
+        record_id = str(uuid.uuid5(_RECORDS, f"{source.request_id}/{condition}"))
         if destination.queue is not None:
-            return Settlement(messages=[Message(destination.queue, record)]), "queue"
+            return Settlement(messages=[Message(destination.queue, record, record_id)]), "queue"
         target = destination.function
         if target is None or self.functions.lookup(target) is None:
             return Settlement(), ""
-        event = Event(request_id=str(uuid.uuid4()), function=target, payload=record, received_at=self.clock())
+        event = Event(request_id=record_id, function=target, payload=record, received_at=self.clock())
         return Settlement(events=[event]), "function"
 
     async def _settle(self, delivery: Delivery, settlement: Settlement) -> None:
@@ -295,9 +300,10 @@ class Worker:
         )
 
     async def _retrying(self, step: Callable[[], Awaitable[None]]) -> None:
-        """Settle, retrying while the queue is unavailable (up to the ack wait: after that the broker
-        redelivers anyway and settling this lease is moot)."""
-        deadline = time.monotonic() + self.settings.ack_wait
+        """Settle, retrying while the queue is unavailable (a broker restart): the lease is kept alive
+        meanwhile, and settling twice is harmless (follow-ups carry ids the queue deduplicates). After
+        SETTLE_GIVE_UP_SECONDS the lease is abandoned and the event delivered again."""
+        deadline = time.monotonic() + SETTLE_GIVE_UP_SECONDS
         while True:
             try:
                 await step()
