@@ -365,7 +365,7 @@ class Dispatcher:
         try:
             await self._backend.stop(env)
         except Exception:
-            log.exception("stopping environment %s of %s failed", env.id, env.function)
+            log.exception("stopping environment %s of %s failed", env.id, env.function, extra=_fields(env))
         pool = self._pools.get(env.function)
         if pool is not None and not self._closed:
             self._scale(pool)
@@ -379,7 +379,7 @@ class Dispatcher:
             if env in stack:
                 stack.remove(env)
                 pool.idle_since.pop(env.id, None)
-                log.warning("environment %s of %s exited while idle", env.id, env.function)
+                log.warning("environment %s of %s exited while idle", env.id, env.function, extra=_fields(env))
                 if not self._closed:
                     self._scale(pool)
 
@@ -428,7 +428,7 @@ class Dispatcher:
                 keep = [env for env in stack if env.id not in retire]
                 for env in stack:
                     if env.id in retire:
-                        log.info("retiring idle environment %s of %s", env.id, env.function)
+                        log.info("retiring idle environment %s of %s", env.id, env.function, extra=_fields(env))
                         self._discard(env)
                 stack[:] = keep
         for _ in range(decision.start_provisioned):
@@ -446,9 +446,11 @@ class Dispatcher:
         except Exception as exc:
             error = exc if isinstance(exc, StartError) else StartError(f"starting an environment failed: {exc!r}")
             if not isinstance(exc, StartError):
-                log.exception("starting an environment of %s failed", function.name)
+                log.exception("starting an environment of %s failed", function.name, extra={"function": function.name})
             else:
-                log.warning("starting an environment of %s failed: %s", function.name, exc)
+                log.warning(
+                    "starting an environment of %s failed: %s", function.name, exc, extra={"function": function.name}
+                )
             self._started(pool, provisioned)
             # Waiters that no other starting environment will serve get the reason now.
             pending = pool.starting_on_demand + pool.starting_provisioned
@@ -486,7 +488,7 @@ class Dispatcher:
                 try:
                     self._scale(pool)
                 except Exception:
-                    log.exception("scaling %s failed", pool.function.name)
+                    log.exception("scaling %s failed", pool.function.name, extra={"function": pool.function.name})
             await asyncio.sleep(self._settings.scale_interval_s)
 
     def snapshots(self) -> list[PoolSnapshot]:
@@ -513,6 +515,11 @@ class Dispatcher:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._backend.close()
+
+
+def _fields(env: Environment) -> dict[str, str]:
+    """Structured log fields of an environment."""
+    return {"function": env.function, "environment": env.id}
 
 
 def _expire(waiter: asyncio.Future[Environment], timeout: float, name: str) -> None:

@@ -160,7 +160,13 @@ class LocalBackend:
             raise
         self._environments[env_id] = environment
         handle.readers.append(asyncio.create_task(self._watch(environment)))
-        log.info("started environment %s (pid %d, %s)", env_id, proc.pid, environment.url)
+        log.info(
+            "started environment %s (pid %d, %s)",
+            env_id,
+            proc.pid,
+            environment.url,
+            extra={"function": function.name, "environment": env_id},
+        )
         return environment
 
     def _code_dir(self, function: Function) -> Path:
@@ -249,14 +255,24 @@ class LocalBackend:
                 line = await proc.stderr.read(1 << 16)
             if not line:
                 return
-            log.info("agent %s: %s", environment.id, line.decode("utf-8", "replace").rstrip())
+            log.info(
+                "agent %s: %s",
+                environment.id,
+                line.decode("utf-8", "replace").rstrip(),
+                extra={"function": environment.function, "environment": environment.id},
+            )
 
     async def _watch(self, environment: Environment) -> None:
         handle = environment.handle
         assert isinstance(handle, _Process)
         await handle.proc.wait()
         if not handle.stopping:
-            log.warning("environment %s exited with status %s", environment.id, handle.proc.returncode)
+            log.warning(
+                "environment %s exited with status %s",
+                environment.id,
+                handle.proc.returncode,
+                extra={"function": environment.function, "environment": environment.id},
+            )
             _kill_groups(handle.groups)
             self._environments.pop(environment.id, None)
             self._on_lost(environment)
@@ -266,7 +282,11 @@ class LocalBackend:
         handle = environment.handle
         if isinstance(handle, _Process):
             await self._terminate(handle)
-            log.info("stopped environment %s", environment.id)
+            log.info(
+                "stopped environment %s",
+                environment.id,
+                extra={"function": environment.function, "environment": environment.id},
+            )
 
     async def _terminate(self, handle: _Process) -> None:
         handle.stopping = True

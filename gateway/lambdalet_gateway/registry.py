@@ -168,7 +168,11 @@ class Registry:
         old_errors = {str(e) for e in self.catalog.errors}
         for error in catalog.errors:
             if str(error) not in old_errors:
-                log.error("invalid manifest: %s", error)
+                log.error(
+                    "invalid manifest: %s",
+                    error,
+                    extra={"source": error.source, "field": error.field, "rule": error.rule},
+                )
         self.catalog = catalog
         self._on_change(catalog)
         return True

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 from pathlib import Path
 
+import pytest
 from lambdalet_gateway.control import function_configuration, get_function, list_functions
-from lambdalet_gateway.registry import fingerprint, load
+from lambdalet_gateway.registry import Catalog, Registry, fingerprint, load
 
 MANIFEST = """apiVersion: lambdalet.dev/v1alpha1
 kind: Function
@@ -100,3 +102,21 @@ def test_list_functions_pages(tmp_path: Path) -> None:
     second = list_functions(records, region="r", account="1", marker=first["NextMarker"], max_items=2)
     assert [f["FunctionName"] for f in second["Functions"]] == ["c"]
     assert "NextMarker" not in second
+
+
+async def test_reload_reports_invalid_manifests_once_with_structured_fields(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make(tmp_path)
+    (tmp_path / "bad.yaml").write_text(MANIFEST.format(name="Bad_Name"))
+    seen: list[Catalog] = []
+    registry = Registry([tmp_path], seen.append)
+    with caplog.at_level(logging.ERROR, logger="lambdalet.gateway.registry"):
+        assert await registry.reload() is True
+        assert await registry.reload() is False
+    assert [sorted(c.functions) for c in seen] == [["hello"]]
+    (record,) = caplog.records
+    assert record.name == "lambdalet.gateway.registry"
+    assert Path(record.__dict__["source"]).name == "bad.yaml"
+    assert record.__dict__["field"] == "metadata.name"
+    assert "does not match" in record.__dict__["rule"] or "pattern" in record.__dict__["rule"]
