@@ -55,6 +55,7 @@ NODE_CASES: list[tuple[str, Any]] = [
     ("callback.noWait", []),
     ("callback.succeed", {"via": "context.succeed"}),
     ("callback.sync", None),
+    ("callback.neverSettles", None),
     ("callback.fails", {"errorType": "TypeError", "errorMessage": "callback failure"}),
     ("callback.uncaught", {"errorType": "RangeError", "errorMessage": "thrown from a timer"}),
     (

@@ -43,3 +43,5 @@ exports.identity = async (event, context) => ({
   identity: context.identity ?? null,
   trace: process.env._X_AMZN_TRACE_ID ?? null,
 });
+
+exports.neverSettles = async () => new Promise(() => {});
