@@ -291,19 +291,33 @@ async def test_reserved_concurrency_zero_sends_events_straight_to_failure(queue:
     assert invoker.calls == []
 
 
-async def test_queue_depth_gauge_per_function(queue: SqliteQueue) -> None:
+async def test_events_of_an_unknown_function_wait_then_drop_past_the_maximum_age(queue: SqliteQueue) -> None:
     registry = CollectorRegistry()
     invoker = FakeInvoker({})
-    worker = Worker(queue, invoker, StaticFunctions({}), settings=settings(), metrics=AsyncMetrics(registry))
+    # 21600 s x 0.00005 = about 1 s: the events wait (backoff) and are dropped after that
+    worker = Worker(
+        queue,
+        invoker,
+        StaticFunctions({}),
+        settings=settings(event_age_scale=0.00005),
+        metrics=AsyncMetrics(registry),
+    )
     await worker.accept("orders", b"{}")
     await worker.accept("orders", b"{}")
     await worker.start()
 
-    async def reported() -> bool:
-        return value(registry, "lambdalet_async_queue_depth", function="orders") in (2.0, 0.0) and (
+    async def depth_seen() -> bool:
+        return value(registry, "lambdalet_async_queue_depth", function="orders") == 2
+
+    await eventually(depth_seen)
+
+    async def dropped() -> bool:
+        return (
             value(registry, "lambdalet_async_events_dropped_total", function="orders", reason="function_not_found") == 2
         )
 
-    await eventually(reported)
+    await eventually(dropped)
     await worker.stop()
     assert value(registry, "lambdalet_async_events_received_total", function="orders") == 2
+    assert value(registry, "lambdalet_async_events_retried_total", function="orders", reason="function_not_found") >= 2
+    assert await queue.depth() == {}

@@ -24,7 +24,7 @@ class AsyncMetrics:
         )
         self.retried = Counter(
             "lambdalet_async_events_retried_total",
-            "Async events returned to the queue, by reason (function_error, throttled, system_error).",
+            "Async events returned to the queue, by reason (function_error, throttled, system_error, ...).",
             ["function", "reason"],
             registry=registry,
         )

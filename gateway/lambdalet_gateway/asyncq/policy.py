@@ -21,6 +21,8 @@ Condition = Literal["Success", "RetriesExhausted", "EventAgeExceeded"]
 RETRY_BASE_SECONDS = 60.0
 THROTTLE_BACKOFF_MIN_SECONDS = 1.0
 THROTTLE_BACKOFF_MAX_SECONDS = 300.0
+#: Lambda's default (and largest) maximumEventAgeSeconds.
+DEFAULT_MAXIMUM_EVENT_AGE = 21600
 
 
 class RequestContext(TypedDict):

@@ -189,9 +189,7 @@ class Worker:
             self.metrics.redelivered.labels(event.function).inc()
         function = self.functions.lookup(event.function)
         if function is None:
-            log.warning("dropping async event %s: function %s not found", event.request_id, event.function)
-            await self._settle(delivery, Settlement())
-            self.metrics.dropped.labels(event.function, "function_not_found").inc()
+            await self._function_missing(delivery)
             return
         if function.reserved_concurrency == 0:
             # Lambda: with reserved concurrency 0, async events go straight to the failure destination.
@@ -207,8 +205,7 @@ class Worker:
         try:
             result = await self._invoke(delivery)
         except FunctionGone:
-            await self._settle(delivery, Settlement())
-            self.metrics.dropped.labels(event.function, "function_not_found").inc()
+            await self._function_missing(delivery)
             return
         except (Throttled, InvokeFailed) as exc:
             reason = "throttled" if isinstance(exc, Throttled) else "system_error"
@@ -238,6 +235,20 @@ class Worker:
             return
         await self._finish(delivery, function, "RetriesExhausted", event, last)
         self.metrics.dropped.labels(event.function, "retries_exhausted").inc()
+
+    async def _function_missing(self, delivery: Delivery) -> None:
+        """The function is unknown: it may be coming back (a manifest being edited, a watch catching up),
+        so the event waits with backoff; it is dropped only past Lambda's default maximum event age."""
+        event = delivery.event
+        timing = self.settings.timing
+        if self.clock() - event.received_at > policy.DEFAULT_MAXIMUM_EVENT_AGE * timing.event_age_scale:
+            log.warning("dropping async event %s: function %s not found", event.request_id, event.function)
+            await self._settle(delivery, Settlement())
+            self.metrics.dropped.labels(event.function, "function_not_found").inc()
+            return
+        delay = policy.throttle_backoff(event.throttles + 1, timing)
+        await self._settle_reschedule(delivery, self.clock() + delay, ran=False, function_error=False, last=None)
+        self.metrics.retried.labels(event.function, "function_not_found").inc()
 
     async def _invoke(self, delivery: Delivery) -> InvokeResult:
         event = delivery.event
