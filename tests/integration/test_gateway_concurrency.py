@@ -67,7 +67,8 @@ def test_reserved_concurrency_caps_fifty_concurrent_invocations(tmp_path: Path) 
         timeoutSeconds=30,
         environment={"variables": {"RECORD_DIR": str(record_dir)}},
     )
-    with running_gateway([manifests], tmp_path) as gateway:
+    # a generous wait-queue timeout: ten agents start at once on a possibly busy machine
+    with running_gateway([manifests], tmp_path, queue_timeout_s=100.0) as gateway:
         replies = burst(gateway, "slow", 50, 3.0)
         check(replies, record_dir, 10, "ReservedFunctionConcurrentInvocationLimitExceeded")
         assert len(gateway.agent_pids("slow")) <= 10
@@ -85,6 +86,6 @@ def test_platform_concurrency_limit(tmp_path: Path) -> None:
         timeoutSeconds=30,
         environment={"variables": {"RECORD_DIR": str(record_dir)}},
     )
-    with running_gateway([manifests], tmp_path, concurrency_limit=4) as gateway:
+    with running_gateway([manifests], tmp_path, concurrency_limit=4, queue_timeout_s=100.0) as gateway:
         replies = burst(gateway, "busy", 16, 3.0)
         check(replies, record_dir, 4, "ConcurrentInvocationLimitExceeded")

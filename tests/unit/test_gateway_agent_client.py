@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from gateway_support import no_blocking
+from gateway_loop_support import no_blocking
 from lambdalet_gateway.agent_client import AgentConnection, AgentConnectionError
 
 pytestmark = pytest.mark.usefixtures(no_blocking.__name__)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from gateway_support import no_blocking
+from gateway_loop_support import no_blocking
 from lambdalet_gateway.backend import Environment, EnvironmentId, StartError
 from lambdalet_gateway.dispatcher import Dispatcher
 from lambdalet_gateway.errors import (
