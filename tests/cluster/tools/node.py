@@ -29,6 +29,7 @@ import base64
 import contextlib
 import datetime as dt
 import decimal
+import functools
 import ipaddress
 import json
 import logging
@@ -324,6 +325,10 @@ async def follow(
 # ---------------------------------------------------------------------------------------------- addresses
 
 
+def run_ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+
+
 class Addresses:
     """Pod IPs: /32 addresses in 10.244.0.0/16 on the loopback interface, or 127.10.x.y as a fallback
     when addresses cannot be added (EndpointSlices then omit the pods)."""
@@ -334,22 +339,18 @@ class Addresses:
         if self.pool == LOOPBACK_POOL:
             log.warning("cannot add addresses to lo; pods get 127.10.x.y, which EndpointSlices refuse")
 
-    @staticmethod
-    def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-
     def _can_add_addresses(self) -> bool:
         probe = str(POD_NETWORK.broadcast_address - 1)
-        if self._ip("-4", "addr", "replace", f"{probe}/32", "dev", "lo", "label", ADDRESS_LABEL).returncode:
+        if run_ip("-4", "addr", "replace", f"{probe}/32", "dev", "lo", "label", ADDRESS_LABEL).returncode:
             return False
-        self._ip("-4", "addr", "del", f"{probe}/32", "dev", "lo")
+        run_ip("-4", "addr", "del", f"{probe}/32", "dev", "lo")
         return True
 
     def remove_all(self) -> None:
         """Removes every address a previous run left on lo."""
-        listing = self._ip("-4", "-o", "addr", "show", "dev", "lo", "label", ADDRESS_LABEL).stdout
+        listing = run_ip("-4", "-o", "addr", "show", "dev", "lo", "label", ADDRESS_LABEL).stdout
         for match in re.finditer(r"inet (\S+)", listing):
-            self._ip("-4", "addr", "del", match.group(1), "dev", "lo")
+            run_ip("-4", "addr", "del", match.group(1), "dev", "lo")
 
     def allocate(self, wanted: str | None) -> str:
         candidate = None
@@ -367,7 +368,7 @@ class Addresses:
                 raise RuntimeError("pod address pool exhausted")
         self.in_use.add(candidate)
         if self.pool == POD_NETWORK:
-            result = self._ip("-4", "addr", "replace", f"{candidate}/32", "dev", "lo", "label", ADDRESS_LABEL)
+            result = run_ip("-4", "addr", "replace", f"{candidate}/32", "dev", "lo", "label", ADDRESS_LABEL)
             if result.returncode:
                 self.in_use.discard(candidate)
                 raise RuntimeError(f"ip addr add {candidate}: {result.stderr.strip()}")
@@ -377,7 +378,205 @@ class Addresses:
         if address in self.in_use:
             self.in_use.discard(address)
             if self.pool == POD_NETWORK:
-                self._ip("-4", "addr", "del", f"{address}/32", "dev", "lo")
+                run_ip("-4", "addr", "del", f"{address}/32", "dev", "lo")
+
+
+# ---------------------------------------------------------------------------------------------- services
+
+
+class ServiceProxy:
+    """A userspace kube-proxy and a hosts-file DNS for the pods. Each Service's ClusterIP is added to lo;
+    each TCP port accepts connections and forwards them, round-robin, to the Service's ready endpoints from
+    its EndpointSlices (default/kubernetes goes to the API server). <state>/dns/<namespace>.hosts names
+    every Service as cluster DNS would (name.ns.svc.cluster.local, name.ns.svc, name.ns, and the short name
+    inside its own namespace); pods of that namespace see it as /etc/hosts."""
+
+    def __init__(self, api: Api, state_dir: Path, api_port: int) -> None:
+        self.api = api
+        self.dns_dir = state_dir / "dns"
+        self.api_port = api_port
+        self.services: dict[tuple[str, str], Json] = {}
+        self.slices: dict[tuple[str, str], Json] = {}
+        self.targets: dict[tuple[str, int], tuple[str, str, Json]] = {}
+        self.listeners: dict[tuple[str, int], asyncio.Server] = {}
+        self.addresses: set[str] = set()
+        self.namespaces: set[str] = set()
+        self.turns: dict[tuple[str, int], int] = {}
+        self._dirty = asyncio.Event()
+
+    @staticmethod
+    def _key(obj: Json) -> tuple[str, str]:
+        return str(obj["metadata"]["namespace"]), str(obj["metadata"]["name"])
+
+    def _replace(self, store: dict[tuple[str, str], Json], items: list[Json]) -> None:
+        store.clear()
+        store.update({self._key(item): item for item in items})
+        self._dirty.set()
+
+    def _event(self, store: dict[tuple[str, str], Json], kind: str, obj: Json) -> None:
+        if kind == "DELETED":
+            store.pop(self._key(obj), None)
+        else:
+            store[self._key(obj)] = obj
+        self._dirty.set()
+
+    async def run(self) -> None:
+        services = self.services
+        slices = self.slices
+        await asyncio.gather(
+            follow(
+                self.api,
+                "/api/v1/services",
+                {},
+                lambda items: self._replace(services, items),
+                lambda kind, obj: self._event(services, kind, obj),
+            ),
+            follow(
+                self.api,
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                {},
+                lambda items: self._replace(slices, items),
+                lambda kind, obj: self._event(slices, kind, obj),
+            ),
+            self._reconcile_loop(),
+        )
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._reconcile()
+            except Exception:  # never take the node down; try again on the next change
+                log.exception("service proxy")
+                await asyncio.sleep(1)
+                self._dirty.set()
+
+    async def _reconcile(self) -> None:
+        desired: dict[tuple[str, int], tuple[str, str, Json]] = {}
+        for (namespace, name), service in self.services.items():
+            ip = (service.get("spec") or {}).get("clusterIP")
+            if not ip or ip == "None":
+                continue
+            for port in service["spec"].get("ports") or []:
+                if port.get("protocol", "TCP") == "TCP":
+                    desired[(ip, int(port["port"]))] = (namespace, name, port)
+        self.targets = desired
+        for key in [k for k in self.listeners if k not in desired]:
+            self.listeners.pop(key).close()
+        wanted_ips = {ip for ip, _ in desired}
+        for ip in self.addresses - wanted_ips:
+            run_ip("-4", "addr", "del", f"{ip}/32", "dev", "lo")
+            self.addresses.discard(ip)
+        for key in desired:
+            if key in self.listeners:
+                continue
+            ip, port = key
+            if ip not in self.addresses:
+                added = run_ip("-4", "addr", "replace", f"{ip}/32", "dev", "lo", "label", ADDRESS_LABEL)
+                if added.returncode:
+                    log.warning("service address %s: %s", ip, added.stderr.strip())
+                    continue
+                self.addresses.add(ip)
+            try:
+                self.listeners[key] = await asyncio.start_server(functools.partial(self._connection, key), ip, port)
+            except OSError as error:
+                log.warning("service %s:%d: %s", ip, port, error)
+        self.write_hosts()
+
+    def endpoints(self, namespace: str, name: str, service_port: Json) -> list[tuple[str, int]]:
+        if (namespace, name) == ("default", "kubernetes"):
+            return [(HOST_IP, self.api_port)]
+        found = []
+        for (slice_namespace, _), item in self.slices.items():
+            labels = item["metadata"].get("labels") or {}
+            if slice_namespace != namespace or labels.get("kubernetes.io/service-name") != name:
+                continue
+            if item.get("addressType") != "IPv4":
+                continue
+            ports = [
+                p["port"] for p in item.get("ports") or [] if (p.get("name") or "") == (service_port.get("name") or "")
+            ]
+            if not ports or ports[0] is None:
+                continue
+            for endpoint in item.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready") is False:
+                    continue
+                found += [(address, int(ports[0])) for address in endpoint["addresses"]]
+        return sorted(found)
+
+    async def _connection(
+        self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        target = self.targets.get(key)
+        endpoints = self.endpoints(*target) if target else []
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        if endpoints:
+            turn = self.turns.get(key, 0)
+            self.turns[key] = turn + 1
+            start = turn % len(endpoints)
+            for host, port in endpoints[start:] + endpoints[:start]:
+                try:
+                    upstream = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+                    break
+                except (OSError, TimeoutError):
+                    continue
+        if upstream is None:
+            writer.close()
+            return
+        up_reader, up_writer = upstream
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for stream in (writer, up_writer):
+                stream.close()
+
+    def hosts_file(self, namespace: str) -> Path:
+        """The /etc/hosts for pods of `namespace` (created now, rewritten in place as Services change)."""
+        self.namespaces.add(namespace)
+        path = self.dns_dir / f"{namespace}.hosts"
+        if not path.exists():
+            self.write_hosts()
+        return path
+
+    def write_hosts(self) -> None:
+        self.dns_dir.mkdir(parents=True, exist_ok=True)
+        lines: list[tuple[str, str, str]] = []
+        for (namespace, name), service in sorted(self.services.items()):
+            ip = (service.get("spec") or {}).get("clusterIP")
+            if ip == "None":  # headless: the first ready endpoint
+                ready = [a for a, _ in self.endpoints(namespace, name, {"name": ""})]
+                ip = ready[0] if ready else None
+            if ip:
+                lines.append((ip, namespace, name))
+        for namespace in self.namespaces | {ns for ns, _ in self.services}:
+            text = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            for ip, service_namespace, name in lines:
+                short = f"{name}.{service_namespace}"
+                names = f"{short}.svc.cluster.local {short}.svc {short}"
+                text += f"{ip}\t{names}{' ' + name if service_namespace == namespace else ''}\n"
+            path = self.dns_dir / f"{namespace}.hosts"
+            if path.exists() and path.read_text() == text:
+                continue
+            # In place: pods bind-mount this very file (inode), so it must not be replaced.
+            with path.open("r+" if path.exists() else "w") as handle:
+                handle.write(text)
+                handle.truncate()
+
+    def close(self) -> None:
+        for server in self.listeners.values():
+            server.close()
+        self.listeners.clear()
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    while chunk := await source.read(65536):
+        sink.write(chunk)
+        await sink.drain()
+    if sink.can_write_eof():
+        sink.write_eof()
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -554,7 +753,7 @@ class ContainerRunner:
                 return None
             try:
                 argv, env, workdir = await self.pod.container_command(self.spec, image)
-            except ConfigError as error:
+            except (ConfigError, ApiError, aiohttp.ClientError, TimeoutError) as error:
                 self.set_waiting("CreateContainerConfigError", str(error))
                 await self.pod.wait_stopping(limit=2)
                 continue
@@ -880,8 +1079,14 @@ class PodRunner:
         try:
             await self._run()
         except Exception:
-            log.exception("pod %s/%s failed", self.namespace, self.name)
-            raise
+            # A bug or an unexpected error: leave nothing running; the next event for this pod starts over.
+            log.exception("pod %s/%s failed; its processes are killed", self.namespace, self.name)
+            for container in (*self.init_containers, *self.containers):
+                if container.process is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(container.process.pid, signal.SIGKILL)
+            if self.ip and self.ip != HOST_IP:
+                self.node.addresses.release(self.ip)
         finally:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -898,7 +1103,7 @@ class PodRunner:
             try:
                 await self._materialise_volumes()
                 break
-            except ConfigError as error:
+            except (ConfigError, ApiError, aiohttp.ClientError, TimeoutError) as error:
                 for container in self.containers:
                     container.set_waiting("ContainerCreating", str(error))
                 await self.wait_stopping(limit=2)
@@ -947,6 +1152,8 @@ class PodRunner:
             except ApiError as error:
                 if error.status not in (404, 409):
                     log.warning("deleting pod %s/%s: %s", self.namespace, self.name, error)
+            except (aiohttp.ClientError, TimeoutError) as error:
+                log.warning("deleting pod %s/%s: %s", self.namespace, self.name, error)
         log.info("pod %s/%s stopped", self.namespace, self.name)
 
     # --- volumes
@@ -1152,6 +1359,8 @@ class PodRunner:
             if m["name"] in self.volumes
         ]
         mounts = [*(Mount(source, target, True) for source, target in image.files), *mounts]
+        if NAMESPACES_WORK and not self.spec.get("hostNetwork") and self.node.addresses.pool == POD_NETWORK:
+            mounts.append(Mount(self.node.services.hosts_file(self.namespace), "/etc/hosts", True))
         port = self.node.api_port
         env: dict[str, str] = {
             "PATH": IMAGE_PATH,
@@ -1313,6 +1522,7 @@ class Node:
         self.pods: dict[str, PodRunner] = {}
         self.api_port = int(api.server.rsplit(":", 1)[1])
         self.deleting_enabled = True
+        self.services = ServiceProxy(api, state_dir, self.api_port)
         self._background: set[asyncio.Task[None]] = set()
         self._capacity = self._machine_capacity()
 
@@ -1510,6 +1720,8 @@ async def amain(args: argparse.Namespace) -> None:
     try:
         await node.register()
         tasks = [asyncio.create_task(node.heartbeat()), asyncio.create_task(node.watch_pods())]
+        if node.addresses.pool == POD_NETWORK:
+            tasks.append(asyncio.create_task(node.services.run()))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         for task in tasks:
@@ -1518,6 +1730,7 @@ async def amain(args: argparse.Namespace) -> None:
             task.cancel()
         log.info("stopping: terminating pod processes")
         await node.shutdown()
+        node.services.close()
         node.addresses.remove_all()
     finally:
         await api.close()

@@ -7,6 +7,7 @@ who it is and what it sees. Binds $LAMBDALET_BIND_ADDRESS (default 0.0.0.0), por
     GET  /healthz        200 while live, 500 after POST /healthz?ok=0
     GET  /env?name=N     the value of environment variable N (404 if unset)
     GET  /file?path=P    the content of file P (404 if missing)
+    GET  /fetch?url=U    fetches U from inside the pod: {"status": ..., "body": ...} (502 if unreachable)
     GET  /whoami         asks the API server who the pod's ServiceAccount token belongs to (a
                          SelfSubjectReview with the mounted token), returns {"username": ..., "groups": ...}
 
@@ -58,6 +59,16 @@ def whoami() -> tuple[int, dict[str, object]]:
     return 200, {"username": info["username"], "groups": info.get("groups", []), "namespace": namespace}
 
 
+def fetch(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return 200, {"status": response.status, "body": response.read().decode(errors="replace")}
+    except urllib.error.HTTPError as error:
+        return 200, {"status": error.code, "body": error.read().decode(errors="replace")}
+    except (OSError, ValueError) as error:
+        return 502, {"error": f"{type(error).__name__}: {error}"}
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "http-echo"
 
@@ -90,6 +101,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, Path(query.get("path", "")).read_bytes())
             except OSError as error:
                 self._send(404, {"error": str(error)})
+        elif url.path == "/fetch":
+            self._send(*fetch(query.get("url", "")))
         elif url.path == "/whoami":
             try:
                 self._send(*whoami())
