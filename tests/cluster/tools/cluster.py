@@ -504,6 +504,8 @@ def stop_pod_processes(paths: Paths) -> int:
 
 def remove_pod_addresses() -> int:
     """Removes the pod addresses the node stand-in added to lo (label lo:lambdalet) and left behind."""
+    if shutil.which("ip") is None:
+        return 0
     listing = subprocess.run(
         ["ip", "-4", "-o", "addr", "show", "dev", "lo", "label", POD_ADDRESS_LABEL],
         capture_output=True,

@@ -326,7 +326,11 @@ async def follow(
 
 
 def run_ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    """`ip ...` (iproute2); a missing `ip` is reported like a failed command."""
+    try:
+        return subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    except FileNotFoundError as error:
+        return subprocess.CompletedProcess(["ip", *args], 127, "", str(error))
 
 
 class Addresses:
