@@ -63,13 +63,27 @@ def test_container_sees_env_and_volumes(cluster: Cluster, namespace: str) -> Non
                             {"name": "MY_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                             {"name": "MY_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                             {"name": "MESSAGE", "value": "$(GREETING), $(MY_NAME)"},
+                            {
+                                "name": "MEMORY_MB",
+                                "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}},
+                            },
                         ],
+                        "resources": {"limits": {"memory": "256Mi"}},
                         "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
                         "volumeMounts": [
                             {"name": "config", "mountPath": "/etc/envy"},
                             {"name": "secret", "mountPath": "/etc/envy-secret", "readOnly": True},
                             {"name": "scratch", "mountPath": "/scratch"},
+                            {"name": "info", "mountPath": "/etc/podinfo"},
                         ],
+                    }
+                ],
+                initContainers=[
+                    {
+                        "name": "prepare",
+                        "image": HTTP_ECHO,
+                        "command": ["python", "-c", "open('/scratch/init.txt', 'w').write('from init')"],
+                        "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
                     }
                 ],
                 volumes=[
@@ -79,6 +93,10 @@ def test_container_sees_env_and_volumes(cluster: Cluster, namespace: str) -> Non
                     },
                     {"name": "secret", "secret": {"secretName": "creds"}},
                     {"name": "scratch", "emptyDir": {}},
+                    {
+                        "name": "info",
+                        "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]},
+                    },
                 ],
             ),
         ],
@@ -101,6 +119,7 @@ def test_container_sees_env_and_volumes(cluster: Cluster, namespace: str) -> Non
     assert env("CFG_MODE") == "fast"
     assert env("LAMBDALET_BIND_ADDRESS") == ip
     assert env("KUBERNETES_SERVICE_HOST")
+    assert env("MEMORY_MB") == "256"
 
     def file(path: str) -> tuple[int, bytes]:
         answer = cluster.pod_http(namespace, "envy", 8080, f"/file?path={path}")
@@ -110,6 +129,10 @@ def test_container_sees_env_and_volumes(cluster: Cluster, namespace: str) -> Non
     assert file("/etc/envy/greeting")[0] == 404  # only the listed item is projected
     assert file("/etc/envy-secret/password") == (200, b"s3cret")
     assert file("/var/run/secrets/kubernetes.io/serviceaccount/namespace") == (200, namespace.encode())
+    assert file("/scratch/init.txt") == (200, b"from init")  # written by the init container
+    assert file("/etc/podinfo/labels") == (200, b'test="envy"')
+    init = pod_status(cluster, namespace, "envy")["initContainerStatuses"][0]
+    assert init["state"]["terminated"]["exitCode"] == 0
     root = cluster.pod_http(namespace, "envy", 8080, "/").json()
     assert root["cwd"] == "/scratch/work"
     assert root["pod"] == "envy"
