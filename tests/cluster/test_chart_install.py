@@ -4,6 +4,8 @@ README's table (no Secrets), and `helm uninstall` leaving nothing behind."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from chart_support import (
     CHART,
     Release,
     baseline,
+    function_manifest,
     granted,
     helm,
     install,
@@ -18,6 +21,7 @@ from chart_support import (
     readme_permissions,
     release,
     uninstall,
+    wait_ready,
 )
 from cluster_support import Cluster, wait_until
 
@@ -83,6 +87,22 @@ def test_permissions_are_exactly_the_readme_table(cluster: Cluster, release: Rel
     everyone_there = baseline(cluster, release.namespace)
     outside = {r: v - everyone_there.get(r, set()) for r, v in granted(cluster, subject, release.namespace).items()}
     assert not {r: v for r, v in outside.items() if v}
+
+
+def test_a_function_answers_through_the_installed_gateway_from_zero(cluster: Cluster, release: Release) -> None:
+    """What NOTES.txt promises: apply a Function, invoke it through the gateway (scaled from zero)."""
+    files = {"app.py": "def handler(event, context):\n    return {'hello': event['name']}\n"}
+    cluster.apply([function_manifest("notes", files)], release.functions)
+    fn = wait_ready(cluster, release.functions, "notes")
+    assert fn["status"]["desiredInstances"] == 0
+    path = "/2015-03-31/functions/notes/invocations"
+    assert fn["status"]["url"].endswith(f".{release.namespace}.svc:8080{path}")
+    [gateway] = pods(cluster, release, "gateway")
+    with cluster.pod_address(release.namespace, gateway["metadata"]["name"], 8080) as (host, port):
+        request = urllib.request.Request(f"http://{host}:{port}{path}", data=b'{"name": "k8s"}', method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read()) == {"hello": "k8s"}
+    assert cluster.get("deployment", "-n", release.functions, "notes")["spec"]["replicas"] >= 1
 
 
 def test_uninstall_removes_everything(cluster: Cluster) -> None:
