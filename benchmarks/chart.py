@@ -17,6 +17,7 @@ SHORT = {
     "rie": "(c) emulator",
     "floor_aiohttp": "(d) aiohttp floor",
     "floor_raw": "(d) raw asyncio",
+    "gateway_standby": "(a) standby agent",
 }
 COLORS = {
     "gateway": "#1f77b4",
@@ -70,7 +71,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
 
     ax = axes[2]
     cold = results.get("cold", {})
-    kinds = [(k, SHORT[k]) for k in ("gateway", "agent", "rie") if k in cold]
+    kinds = [(k, SHORT[k]) for k in ("gateway", "gateway_standby", "agent", "rie") if k in cold]
     for x, (kind, _) in enumerate(kinds):
         bottom = 0.0
         data = cold[kind]

@@ -79,6 +79,7 @@ def cold_table(results: dict[str, Any]) -> str:
     cold = results.get("cold", {})
     labels = {
         "gateway": "(a) `lambdalet up`: first invocation of a function with 0 environments",
+        "gateway_standby": "(a) the same with `LAMBDALET_STANDBY_AGENTS=1` (a pre-started agent)",
         "agent": "(b) agent process started → first invocation",
         "rie": "(c) emulator process started → first invocation",
     }
@@ -196,7 +197,8 @@ def goals_table(results: dict[str, Any]) -> str:
         "overhead_p50_ms_c8": "platform overhead p50 at c=8 (ms): (a) minus the bootstrap's own time",
         "overhead_p99_ms_c8": "platform overhead p99 at c=8 (ms)",
         "gateway_rps_vs_emulator_c8": "gateway throughput ÷ emulator throughput at c=8",
-        "cold_p50_ms_embedded": "cold start p50, embedded mode (ms)",
+        "cold_p50_ms_embedded": "cold start p50, embedded mode, default settings (ms)",
+        "cold_p50_ms_embedded_standby": "cold start p50, embedded mode, LAMBDALET_STANDBY_AGENTS=1 (ms)",
         "invocations_above_cap": "invocations above a concurrency cap",
     }
     rows = []

@@ -11,6 +11,7 @@ GOALS = {
     "overhead_p99_ms_c8": 3.0,
     "gateway_rps_vs_emulator_c8": 1.0,
     "cold_p50_ms_embedded": 50.0,
+    "cold_p50_ms_embedded_standby": 50.0,
     "invocations_above_cap": 0,
 }
 
@@ -70,6 +71,7 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
     out["agent_overhead_p99_ms_c8"] = overhead(agent8, "p99")
 
     cold_gateway = _path(results, "cold", "gateway", "total", "p50")
+    cold_standby = _path(results, "cold", "gateway_standby", "total", "p50")
     cold_agent = _path(results, "cold", "agent", "total", "p50")
     cold_rie = _path(results, "cold", "rie", "total", "p50")
     out["cold_p50_ms_gateway"] = cold_gateway
@@ -77,7 +79,10 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
     out["cold_p50_ms_emulator"] = cold_rie
     out["cold_p50_vs_emulator_gateway"] = ratio(cold_gateway, cold_rie)
     out["cold_p50_vs_emulator_agent"] = ratio(cold_agent, cold_rie)
+    out["cold_p50_ms_gateway_standby"] = cold_standby
+    out["cold_p50_vs_emulator_gateway_standby"] = ratio(cold_standby, cold_rie)
     out["cold_p50_ms_embedded"] = cold_gateway if cold_gateway is not None else cold_agent
+    out["cold_p50_ms_embedded_standby"] = cold_standby
 
     burst_gateway = _path(results, "scale", "gateway_burst", "total_ms")
     burst_rie = _path(results, "scale", "rie_burst", "total_ms")

@@ -205,7 +205,9 @@ def wait_gateway_environments(address: Address, function: str, count: int, timeo
         time.sleep(0.1)
 
 
-def start_gateway(workdir: Path, documents: list[str], tag: str = "gateway") -> Target:
+def start_gateway(
+    workdir: Path, documents: list[str], tag: str = "gateway", extra_env: dict[str, str] | None = None
+) -> Target:
     """``lambdalet up`` (embedded mode: gateway + local backend) on a free port with these Functions."""
     manifests = workdir / f"{tag}-manifests"
     manifests.mkdir(exist_ok=True)
@@ -216,6 +218,7 @@ def start_gateway(workdir: Path, documents: list[str], tag: str = "gateway") -> 
         LAMBDALET_GATEWAY_PORT=str(port),
         LAMBDALET_STATE_DIR=str(workdir / f"{tag}-state"),
     )
+    env.update(extra_env or {})
     proc = procs.spawn(
         [procs.PYTHON, "-m", "lambdalet.cli", "up", str(manifests)],
         env=env,
