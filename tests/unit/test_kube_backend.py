@@ -186,3 +186,20 @@ async def test_a_pod_that_disappears_is_reported_lost() -> None:
     await harness.settle()
     assert harness.lost == [env]
     await harness.backend.close()
+
+
+async def test_pods_outlive_a_gateway_that_shuts_down() -> None:
+    api = FakeApi(
+        functions=[function_object("hello")],
+        deployments=[deployment("hello", 1)],
+        endpointslices=[endpoint_slice("hello", ("hello-a", True))],
+    )
+    harness = await opened(api)
+    env = await asyncio.wait_for(harness.backend.start(harness.function("hello"), provisioned=False), 5)
+    run = asyncio.create_task(harness.registry.run(1.0))
+    await harness.settle()
+    run.cancel()  # the app cancels the registry first, then stops the environments
+    await asyncio.gather(run, return_exceptions=True)
+    await harness.backend.stop(env)
+    assert api.calls == []
+    await harness.backend.close()

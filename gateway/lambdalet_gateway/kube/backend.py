@@ -19,7 +19,12 @@ never a ready pod that may be serving an invocation. Replicas never go below pro
 a ready pod nobody holds for idleTimeoutSeconds is removed the same way.
 
 Instances the gateway sees disappear (pod deleted or terminating) are reported lost; an invocation that
-meets a refused or reset connection makes the dispatcher stop that environment, which deletes the pod.
+meets a refused or reset connection makes the dispatcher stop that environment, which deletes the pod
+(a refused connection, where nothing was sent, is delivered to another environment).
+
+Gateway restarts: ready pods that are running when the gateway starts are adopted (handed out to the
+dispatcher's starts first, before any scaling); when the gateway shuts down its pods are left running
+for the next one.
 """
 
 from __future__ import annotations
@@ -112,7 +117,11 @@ class FunctionWatch(Registry):
         return True
 
     async def run(self, interval: float) -> None:
-        await self._backend.run()
+        try:
+            await self._backend.run()
+        finally:
+            # The app cancels this first when it shuts down: from then on the pods outlive the gateway.
+            self._backend.detach()
 
 
 class KubernetesBackend:
@@ -129,6 +138,7 @@ class KubernetesBackend:
         self._environ = dict(os.environ if environ is None else environ)
         self._scopes: tuple[str | None, ...] = settings.namespaces or (None,)
         self._api: Api | None = api
+        self._detached = False
         self._opened = False
         self._connected = asyncio.Event()
         self._closed = asyncio.Event()
@@ -177,6 +187,11 @@ class KubernetesBackend:
 
     async def run(self) -> None:
         await self._closed.wait()
+
+    def detach(self) -> None:
+        """The gateway is shutting down: stopping an environment now only forgets it, so its pod stays
+        ready for the next gateway to adopt (or to remove after the function's idle timeout)."""
+        self._detached = True
 
     async def _watch(
         self,
@@ -369,7 +384,8 @@ class KubernetesBackend:
             state = None
         if state is not None:
             state.instances.release(endpoint.pod)
-        await self._remove(state, namespace, endpoint)
+        if not self._detached:
+            await self._remove(state, namespace, endpoint)
 
     async def _remove(self, state: _FunctionState | None, namespace: str, endpoint: Endpoint) -> None:
         assert self._api is not None
