@@ -186,6 +186,32 @@ def test_replicas_belong_to_the_autoscaler_after_creation(cluster: Cluster, oper
     assert status["desiredInstances"] == 2
 
 
+def test_variables_and_secret_references_reach_the_handler(cluster: Cluster, operator: Release) -> None:
+    ns = operator.functions
+    cluster.kubectl("create", "secret", "generic", "-n", ns, "db", "--from-literal=password=hunter2")
+    cluster.kubectl("create", "secret", "generic", "-n", ns, "keys", "--from-literal=API_KEY=k-123")
+    files = {
+        "app.py": "import os\n"
+        "def handler(event, context):\n"
+        "    names = ('STAGE', 'DB_PASSWORD', 'API_KEY', 'AWS_LAMBDA_FUNCTION_MEMORY_SIZE', 'LAMBDA_TASK_ROOT')\n"
+        "    return {k: os.environ.get(k) for k in names}\n"
+    }
+    environment = {
+        "variables": {"STAGE": "prod"},
+        "secretKeyRefs": [{"name": "DB_PASSWORD", "secretKeyRef": {"name": "db", "key": "password"}}],
+        "envFrom": [{"secretRef": {"name": "keys"}}],
+    }
+    cluster.apply([function_manifest("envy", files, provisionedConcurrency=1, environment=environment)], ns)
+    wait_ready(cluster, ns, "envy")
+    assert json.loads(invoke(cluster, ns, "envy", "{}")) == {
+        "STAGE": "prod",
+        "DB_PASSWORD": "hunter2",
+        "API_KEY": "k-123",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "128",
+        "LAMBDA_TASK_ROOT": "/var/task",
+    }
+
+
 def test_a_missing_code_configmap_is_reported_then_picked_up(cluster: Cluster, operator: Release) -> None:
     ns = operator.functions
     manifest = function_manifest("fromcm")
