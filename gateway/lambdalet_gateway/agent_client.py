@@ -3,8 +3,13 @@
 An environment takes one invocation at a time, so each has at most one connection in use; this client
 keeps it open between invocations, writes each request with a single ``write`` (request line, headers and
 payload), and parses the agent's response (``Content-Length`` or chunked) without per-request objects
-beyond the result. A connection the agent closed while idle is detected (EOF before any response byte)
-and the request is sent once more on a new connection; nothing else is retried.
+beyond the result.
+
+Nothing is ever sent twice: once a request is written, any failure is the caller's error (the agent may
+have started the invocation). To keep that safe, a connection is not reused once the agent has closed it
+or once it has been idle for ``MAX_IDLE_S`` — well under the agent's keep-alive timeout (aiohttp's 75 s),
+so the agent never closes a connection at the moment a request is written to it. Failing to *connect*
+raises ``OSError`` before a byte is sent.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import asyncio
 from dataclasses import dataclass
 
 _MAX_HEAD = 64 * 1024
+#: A connection idle longer than this is replaced rather than reused.
+MAX_IDLE_S = 30.0
 #: Bodies above this are written as a second buffer rather than joined with the head.
 _JOIN_LIMIT = 64 * 1024
 
@@ -85,6 +92,7 @@ class AgentConnection:
         self.port = port
         self._protocol: _Protocol | None = None
         self._host_header = f"Host: {host}:{port}\r\n".encode()
+        self._last_used = 0.0
 
     @property
     def open(self) -> bool:
@@ -102,22 +110,20 @@ class AgentConnection:
         self._protocol = None
 
     async def post(self, path: bytes, headers: dict[str, str], body: bytes) -> AgentResponse:
-        """POST ``body``; raise :class:`AgentConnectionError` (or ``OSError``) when the agent is gone."""
-        reused = self.open
-        protocol = self._protocol if reused else await self._connect()
+        """POST ``body``; ``OSError`` when connecting fails (nothing sent), else
+        :class:`AgentConnectionError` when the agent fails after the request was written."""
+        now = asyncio.get_running_loop().time()
+        if self.open and now - self._last_used > MAX_IDLE_S:
+            self.close()
+        protocol = self._protocol if self.open else await self._connect()
         assert protocol is not None
         head = [b"POST ", path, b" HTTP/1.1\r\n", self._host_header]
         for name, value in headers.items():
             head.append(f"{name}: {value}\r\n".encode("latin-1"))
         head.append(b"Content-Length: %d\r\n\r\n" % len(body))
-        try:
-            return await self._exchange(protocol, head, body)
-        except AgentConnectionError:
-            if not reused or protocol.buffer:
-                raise
-        # The agent closed the idle keep-alive connection before it read this request: send it again.
-        self.close()
-        return await self._exchange(await self._connect(), head, body)
+        response = await self._exchange(protocol, head, body)
+        self._last_used = asyncio.get_running_loop().time()
+        return response
 
     async def _exchange(self, protocol: _Protocol, head: list[bytes], body: bytes) -> AgentResponse:
         transport = protocol.transport

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 from gateway_loop_support import no_blocking
+from lambdalet_gateway import agent_client
 from lambdalet_gateway.agent_client import AgentConnection, AgentConnectionError
 
 pytestmark = pytest.mark.usefixtures(no_blocking.__name__)
@@ -24,9 +25,16 @@ class RawServer:
         self.requests: list[bytes] = []
         self.server: asyncio.Server | None = None
         self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    def close_all(self) -> None:
+        """Close every open connection (as an agent's keep-alive timeout does)."""
+        for writer in self.writers:
+            writer.close()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.writers.append(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -119,20 +127,52 @@ async def test_connection_close_is_honoured() -> None:
         assert server.connections == 2
 
 
-async def test_idle_connection_closed_by_the_agent_is_resent_once() -> None:
+async def test_a_connection_the_agent_closed_is_not_reused() -> None:
     served = []
 
     def reply(request: bytes) -> bytes | None:
         served.append(request)
-        # the first connection serves one request, then the server closes it while idle
-        return ok(b"fine") if len(served) != 2 else None
+        return ok(b"fine")
 
     async with RawServer(reply) as server:
         connection = AgentConnection("127.0.0.1", server.port)
         assert (await connection.post(b"/", {}, b"{}")).body == b"fine"
+        server.close_all()
+        for _ in range(200):
+            if not connection.open:
+                break
+            await asyncio.sleep(0.01)
+        assert not connection.open
         assert (await connection.post(b"/", {}, b"{}")).body == b"fine"
         assert server.connections == 2
         connection.close()
+
+
+async def test_a_long_idle_connection_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with RawServer(lambda request: ok(b"fine")) as server:
+        connection = AgentConnection("127.0.0.1", server.port)
+        await connection.post(b"/", {}, b"{}")
+        monkeypatch.setattr(agent_client, "MAX_IDLE_S", -1.0)
+        await connection.post(b"/", {}, b"{}")
+        assert server.connections == 2
+        connection.close()
+
+
+async def test_a_request_is_never_sent_twice() -> None:
+    served = []
+
+    def reply(request: bytes) -> bytes | None:
+        served.append(request)
+        # answers the first request, then dies while "running" the second
+        return ok(b"fine") if len(served) == 1 else None
+
+    async with RawServer(reply) as server:
+        connection = AgentConnection("127.0.0.1", server.port)
+        await connection.post(b"/", {}, b"{}")
+        with pytest.raises(AgentConnectionError):
+            await connection.post(b"/", {}, b"{}")
+        assert len(served) == 2
+        assert server.connections == 1
 
 
 async def test_a_fresh_connection_that_fails_is_an_error() -> None:
