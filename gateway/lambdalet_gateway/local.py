@@ -326,10 +326,27 @@ def _read_port(port_file: Path) -> int | None:
 
 
 def _child_groups(pid: int) -> set[int]:
-    """Process groups of ``pid``'s children (Linux ``/proc``; empty elsewhere)."""
+    """Process groups of ``pid``'s children (Linux ``/proc``; empty elsewhere).
+
+    Reads the kernel's list of ``pid``'s children (``/proc/<pid>/task/*/children``: a few files, on the
+    cold-start path) and falls back to scanning every process where that list is not available.
+    """
     groups: set[int] = set()
     proc = Path("/proc")
     if not proc.is_dir():
+        return groups
+    try:
+        tasks = list((proc / str(pid) / "task").iterdir())
+        children = [int(c) for task in tasks for c in (task / "children").read_text().split()]
+    except (OSError, ValueError):
+        children = None
+    if children is not None:
+        for child in children:
+            try:
+                fields = (proc / str(child) / "stat").read_text(errors="replace").rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            groups.add(int(fields[2]))
         return groups
     for entry in proc.iterdir():
         if not entry.name.isdigit():
