@@ -8,6 +8,7 @@ ResourceNotFoundException."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -221,3 +222,46 @@ def test_deleted_function_is_not_found(
 
     message = wait_until(not_found, 30, "invoking the deleted hello to be ResourceNotFoundException")
     assert "hello" in message
+
+
+def test_provisioned_pods_stay_warm_and_are_adopted_by_a_restarted_gateway(
+    cluster: Cluster, release: Release, gateway: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    namespace = release.functions
+    document = example("hello", provisionedConcurrency=2, idleTimeoutSeconds=IDLE_TIMEOUT_S)
+    document["metadata"]["name"] = "warm"
+    kubectl_apply(cluster, namespace, document, tmp_path_factory.mktemp("m"))
+    wait_ready(cluster, namespace, "warm")
+
+    def ready_pods() -> list[str] | None:
+        pods = function_pods(cluster, namespace, "warm")
+        ready = [
+            p["metadata"]["name"]
+            for p in pods
+            if all(s["ready"] for s in p["status"].get("containerStatuses") or [{"ready": False}])
+        ]
+        return sorted(ready) if len(ready) == 2 and len(pods) == 2 else None
+
+    warm = wait_until(ready_pods, 60, "two ready provisioned pods")
+    client = lambda_client(gateway)
+    wait_until(lambda: served(client, "warm"), 60, "the gateway to serve warm")
+    assert invoke(client, "warm", {"name": "warm"}) == {"message": "Hello, warm!"}
+    time.sleep(IDLE_TIMEOUT_S + 2)  # longer than the idle timeout: provisioned pods are not retired
+    assert replicas(cluster, namespace, "warm") == 2 and ready_pods() == warm
+
+    # A new gateway pod adopts the running pods: no scaling, no new pods.
+    selector = f"app.kubernetes.io/instance={release.name},app.kubernetes.io/component=gateway"
+    [old] = cluster.get("pods", "-n", release.namespace, "-l", selector)["items"]
+    cluster.kubectl("delete", "pod", "-n", release.namespace, old["metadata"]["name"], "--wait=false")
+
+    def new_gateway() -> str | None:
+        for pod in cluster.get("pods", "-n", release.namespace, "-l", selector)["items"]:
+            statuses = pod["status"].get("containerStatuses") or []
+            fresh = pod["metadata"]["name"] != old["metadata"]["name"]
+            if fresh and statuses and all(s["ready"] for s in statuses):
+                return f"http://{pod['status']['podIP']}:{gateway.rsplit(':', 1)[1]}"
+        return None
+
+    restarted = lambda_client(wait_until(new_gateway, 90, "a new gateway pod"))
+    assert invoke(restarted, "warm", {"name": "again"}) == {"message": "Hello, again!"}
+    assert replicas(cluster, namespace, "warm") == 2 and ready_pods() == warm
