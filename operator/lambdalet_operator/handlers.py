@@ -149,3 +149,27 @@ async def deployment_event(body: kopf.Body, type: str | None, memo: kopf.Memo, *
     except kube.KubeError as exc:
         # Event handlers are not retried by kopf: the next Deployment event refreshes the status.
         logger.warning("could not refresh the status of Function %s/%s: %s", namespace, name, exc)
+
+
+@kopf.index(API_GROUP, VERSION, PLURAL)
+def code_configmaps(namespace: str | None, name: str | None, spec: kopf.Spec, **_: Any) -> dict[Any, Any] | None:
+    """Functions by the ConfigMap that holds their code: (namespace, ConfigMap name) → Function names."""
+    source = (spec.get("code") or {}).get("configMap") or {}
+    return {(namespace, source["name"]): name} if source.get("name") else None
+
+
+@kopf.on.event("", "v1", "configmaps")
+async def configmap_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A ConfigMap holding some Functions' code changed: roll their pods to the new code now (and pick
+    up a ConfigMap that was missing without waiting for the retry). kopf passes the index by its name."""
+    code_configmaps: kopf.Index[Any, Any] = kwargs["code_configmaps"]
+    namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
+    api: kube.Kube = memo[MEMO_API]
+    for function_name in code_configmaps.get((namespace, name), []):
+        try:
+            function = await api.get("Function", namespace, str(function_name))
+            if function is not None and not function["metadata"].get("deletionTimestamp"):
+                await _reconcile(function, memo)
+        except (kopf.TemporaryError, kopf.PermanentError, kube.KubeError) as exc:
+            # Event handlers are not retried; the Function's own handler retries (CodeUnavailable).
+            logger.info("Function %s/%s after a change of ConfigMap %s: %s", namespace, function_name, name, exc)

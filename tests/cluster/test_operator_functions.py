@@ -212,15 +212,26 @@ def test_variables_and_secret_references_reach_the_handler(cluster: Cluster, ope
     }
 
 
-def test_a_missing_code_configmap_is_reported_then_picked_up(cluster: Cluster, operator: Release) -> None:
+def test_a_code_configmap_is_waited_for_and_its_changes_roll_the_pods(cluster: Cluster, operator: Release) -> None:
     ns = operator.functions
-    manifest = function_manifest("fromcm")
+    manifest = function_manifest("fromcm", provisionedConcurrency=1)
     manifest["spec"]["code"] = {"configMap": {"name": "fromcm-src"}}
     cluster.apply([manifest], ns)
     condition = wait_reason(cluster, ns, "fromcm", "CodeUnavailable")
     assert "'fromcm-src'" in condition["message"] and condition["status"] == "False"
-    cluster.kubectl("create", "configmap", "-n", ns, "fromcm-src", "--from-literal=app.py=def handler(e, c): return 1")
-    wait_ready(cluster, ns, "fromcm", timeout=60)
+    source = "def handler(event, context):\n    return '{}'\n"
+    cluster.kubectl("create", "configmap", "-n", ns, "fromcm-src", f"--from-literal=app.py={source.format('one')}")
+    first = wait_ready(cluster, ns, "fromcm", timeout=30)
+    assert invoke(cluster, ns, "fromcm", "{}") == '"one"'
+    patch = json.dumps({"data": {"app.py": source.format("two")}})
+    cluster.kubectl("patch", "configmap", "-n", ns, "fromcm-src", "--type=merge", "-p", patch)
+
+    def rolled() -> dict[str, Any] | None:
+        fn: dict[str, Any] = cluster.get("function", "-n", ns, "fromcm")
+        return fn if fn["status"].get("codeSha256") != first["status"]["codeSha256"] else None
+
+    wait_until(rolled, 30, "the new ConfigMap content to reach the Function's status")
+    wait_until(lambda: invoke(cluster, ns, "fromcm", "{}") == '"two"', 60, "the new code to answer")
 
 
 def test_a_rule_only_the_operator_checks_is_shown_in_status(cluster: Cluster, operator: Release) -> None:
