@@ -23,8 +23,7 @@ class _Pump(asyncio.SubprocessProtocol):
         self.transport: asyncio.SubprocessTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is not a subclass)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         buffered = self._partial[fd] + data
@@ -53,8 +52,7 @@ class _Pump(asyncio.SubprocessProtocol):
     def process_exited(self) -> None:
         self.flush(1)
         self.flush(2)
-        assert self.transport is not None
-        self._on_exit(self.transport.get_returncode())
+        self._on_exit(self.transport.get_returncode() if self.transport is not None else None)
 
 
 class RuntimeProcess:
