@@ -9,6 +9,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+import yaml
 from chart_support import (
     CHART,
     Release,
@@ -49,6 +50,17 @@ def test_rendered_chart_is_accepted_by_the_api_server(cluster: Cluster, namespac
         assert result.returncode == 0, result.stderr
         kinds = {line.split("/")[0] for line in result.stdout.splitlines()}
         assert "deployment.apps" in kinds and "customresourcedefinition.apiextensions.k8s.io" in kinds
+
+
+def test_service_monitor_is_optional(cluster: Cluster) -> None:
+    def kinds(*sets: str) -> list[dict[str, Any]]:
+        rendered = helm(cluster, "template", "sm", str(CHART), *(a for v in sets for a in ("--set", v))).stdout
+        return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+    assert "ServiceMonitor" not in {doc["kind"] for doc in kinds()}
+    [monitor] = [doc for doc in kinds("serviceMonitor.enabled=true") if doc["kind"] == "ServiceMonitor"]
+    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
 
 
 def pods(cluster: Cluster, release: Release, component: str) -> list[dict[str, Any]]:
