@@ -158,6 +158,9 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
                 )
                 log(f"throttle {res['scale']['throttle']}")
             with r.section("burst (gateway)"):
+                needed_mb = plan.burst * 70  # an agent and its bootstrap, RSS
+                if machine.mem_available_mb() < needed_mb * 1.5:
+                    raise RuntimeError(f"not enough free memory for {plan.burst} environments ({needed_mb} MB)")
                 res.setdefault("scale", {})["gateway_burst"] = scale.gateway_burst(
                     gateway.addresses[0], "burst", plan.burst
                 )
