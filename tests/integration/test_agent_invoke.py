@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -262,3 +263,20 @@ async def test_provisioned_concurrency_reports_no_init_duration_on_the_first_inv
     assert first.json() == {"ok": True}
     assert "X-Lambdalet-Init-Duration-Ms" not in first.headers
     assert env["AWS_LAMBDA_INITIALIZATION_TYPE"] == "provisioned-concurrency"
+
+
+async def test_a_caller_that_goes_away_does_not_break_the_environment() -> None:
+    async with running_agent("app.sleep", timeout_s=5) as agent:
+        await agent.wait_ready()
+        gone = asyncio.ensure_future(agent.invoke({"seconds": 0.5}))
+        await asyncio.sleep(0.2)
+        gone.cancel()  # the client disconnects mid-invocation
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        running = agent.agent.env.current
+        assert running is not None  # the invocation still runs to its end
+        await running.finished
+        after = await agent.invoke({"seconds": 0})
+        logs = agent.logs()
+    assert after.json() == {"slept": 0}
+    assert logs.count("END RequestId: ") == 2

@@ -242,3 +242,32 @@ async def test_error_body_without_json_gets_the_header_type(agent: RunningAgent)
     await post(agent, f"/invocation/{request_id}/error", b"", {"Lambda-Runtime-Function-Error-Type": "Runtime.Custom"})
     result = await caller
     assert json.loads(result.body) == {"errorType": "Runtime.Custom", "errorMessage": ""}
+
+
+async def test_timeout_during_a_stream_ends_the_callers_stream_and_resets(agent: RunningAgent) -> None:
+    url = agent.url + "/2015-03-31/functions/function/invocations"
+    async with aiohttp.ClientSession() as caller_session:
+        caller = asyncio.ensure_future(caller_session.post(url, data=b"{}"))
+        headers, _ = await next_event(agent)
+        request_id = headers["Lambda-Runtime-Aws-Request-Id"]
+        never = asyncio.Event()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"partial"
+            await never.wait()  # the function hangs mid-stream
+            yield b"never sent"
+
+        runtime_post = asyncio.ensure_future(
+            agent.session.post(
+                api(agent, f"/invocation/{request_id}/response"),
+                data=chunks(),
+                headers={"Lambda-Runtime-Function-Response-Mode": "streaming"},
+            )
+        )
+        response = await caller
+        body = await response.read()  # ends at the deadline (5 s)
+        response.release()
+        runtime_post.cancel()
+    assert body == b"partial"
+    assert f"{request_id} Task timed out after 5.00 seconds" in agent.logs()
+    assert 'lambdalet_agent_resets_total{reason="timeout"} 1.0' in agent.agent.env.metrics.render().decode()
