@@ -43,7 +43,13 @@ from .settings import Settings
 log = logging.getLogger("lambdalet.gateway.dispatcher")
 
 LATEST = "$LATEST"
+#: How many environments an invocation is offered when each refuses the connection.
+_DELIVERY_ATTEMPTS = 3
 _INVOKE_PATH = b"/2015-03-31/functions/function/invocations"
+
+
+class NotDelivered(ServiceError):
+    """The agent could not be reached before any of the request was sent: safe to send elsewhere."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,26 +212,37 @@ class Dispatcher:
         if reserved is None:
             self._unreserved_in_flight += 1
         try:
-            env = self._take_idle(pool)
-            if env is None:
-                env = await self._wait(pool, request_id)
-            try:
-                result = await self._forward(
-                    pool,
-                    env,
-                    payload,
-                    request_id=request_id,
-                    client_context=client_context,
-                    log_tail=log_tail,
-                    invoked_arn=invoked_arn,
-                    trace_id=trace_id,
-                )
-            except BaseException:
-                pool.busy.pop(env.id, None)
-                self._discard(env)
-                raise
-            self._release(pool, env)
-            return result
+            attempts = 0
+            while True:
+                env = self._take_idle(pool)
+                if env is None:
+                    env = await self._wait(pool, request_id)
+                try:
+                    result = await self._forward(
+                        pool,
+                        env,
+                        payload,
+                        request_id=request_id,
+                        client_context=client_context,
+                        log_tail=log_tail,
+                        invoked_arn=invoked_arn,
+                        trace_id=trace_id,
+                    )
+                except NotDelivered:
+                    # Provably never reached the agent: the environment is gone; another one gets it.
+                    pool.busy.pop(env.id, None)
+                    self._discard(env)
+                    attempts += 1
+                    if attempts >= _DELIVERY_ATTEMPTS:
+                        raise
+                    log.warning("environment %s of %s refused the connection; delivering elsewhere", env.id, name)
+                    continue
+                except BaseException:
+                    pool.busy.pop(env.id, None)
+                    self._discard(env)
+                    raise
+                self._release(pool, env)
+                return result
         except StartError as exc:
             if not exc.function_error:
                 pool.metrics.outcomes["error"].inc()
@@ -298,10 +315,14 @@ class Dispatcher:
             headers["X-Amz-Log-Type"] = "Tail"
         if trace_id:
             headers["X-Amzn-Trace-Id"] = trace_id
+        # Without an open connection the client connects first: if that fails, nothing was written.
+        fresh = env.connection is None or not env.connection.open
         try:
             async with asyncio.timeout(pool.timeout):
                 response = await env.connect().post(_INVOKE_PATH, headers, payload)
         except (OSError, AgentConnectionError, TimeoutError) as exc:
+            if fresh and not isinstance(exc, AgentConnectionError | TimeoutError):
+                raise NotDelivered(f"the execution environment refused the connection: {exc!r}") from exc
             raise ServiceError(f"the execution environment failed: {exc!r}") from exc
         status = response.status
         body = response.body
