@@ -234,6 +234,22 @@ def test_a_code_configmap_is_waited_for_and_its_changes_roll_the_pods(cluster: C
     wait_until(lambda: invoke(cluster, ns, "fromcm", "{}") == '"two"', 60, "the new code to answer")
 
 
+def test_a_deployment_deleted_by_hand_comes_back(cluster: Cluster, operator: Release) -> None:
+    ns = operator.functions
+    cluster.apply([function_manifest("phoenix", provisionedConcurrency=1)], ns)
+    wait_ready(cluster, ns, "phoenix")
+    old_uid = cluster.get("deployment", "-n", ns, "phoenix")["metadata"]["uid"]
+    cluster.kubectl("delete", "deployment", "-n", ns, "phoenix", "--wait=true")
+
+    def recreated() -> bool:
+        found = cluster.kubectl("get", "deployment", "-n", ns, "phoenix", "-o", "json", check=False)
+        return found.returncode == 0 and json.loads(found.stdout)["metadata"]["uid"] != old_uid
+
+    wait_until(recreated, 30, "the operator to re-create the Deployment")
+    assert cluster.get("deployment", "-n", ns, "phoenix")["spec"]["replicas"] == 1  # provisionedConcurrency
+    wait_ready(cluster, ns, "phoenix")
+
+
 def test_a_rule_only_the_operator_checks_is_shown_in_status(cluster: Cluster, operator: Release) -> None:
     ns = operator.functions
     cluster.apply([function_manifest("escape", {"../outside.py": "x"})], ns)
