@@ -271,3 +271,19 @@ async def test_timeout_during_a_stream_ends_the_callers_stream_and_resets(agent:
     assert body == b"partial"
     assert f"{request_id} Task timed out after 5.00 seconds" in agent.logs()
     assert 'lambdalet_agent_resets_total{reason="timeout"} 1.0' in agent.agent.env.metrics.render().decode()
+
+
+async def test_a_runtime_that_never_comes_back_to_next_times_the_next_invocation_out() -> None:
+    async with running_agent("app.handler", command=IDLE, runtime=None, timeout_s=1) as agent:
+        first = asyncio.ensure_future(agent.invoke({}))
+        headers, _ = await next_event(agent)
+        await post(agent, f"/invocation/{headers['Lambda-Runtime-Aws-Request-Id']}/response", b"1")
+        assert (await first).body == b"1"
+        # The runtime hangs instead of calling /next: the next invocation is cut at its deadline.
+        second = await agent.invoke({})
+        logs = agent.logs()
+    request_id = second.headers["x-amzn-RequestId"]
+    assert second.json()["errorType"] == "Sandbox.Timedout"
+    assert second.headers["X-Lambdalet-Reset"] == "1"
+    assert f"START RequestId: {request_id}" in logs
+    assert f"{request_id} Task timed out after 1.00 seconds" in logs

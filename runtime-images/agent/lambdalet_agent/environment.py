@@ -229,8 +229,15 @@ class Environment:
             process.close()
         self._processes.clear()
         self.limiter.close()
-        if self.current is not None and not self.current.result.done():
-            self.current.result.set_result(Outcome(error_json("Sandbox.Failure", "environment shutting down")))
+        inv = self.current
+        if inv is not None:
+            if not inv.result.done():
+                failure = error_json("Sandbox.Failure", "The execution environment is shutting down.")
+                inv.result.set_result(Outcome(failure, JSON, "Sandbox.Failure"))
+            elif inv.streaming and (queue := inv.result.result().stream) is not None:
+                queue.put_nowait(None)
+            if not inv.finished.done():
+                inv.finished.set_result(None)
         self._flush()
 
     @property
@@ -410,6 +417,8 @@ class Environment:
             return
         request_id = inv.event.request_id
         timeout_s = self.settings.timeout_s
+        if inv.delivered_at is None:  # the runtime never came back to /next for it
+            self._emit_platform(report.start_line(request_id, self.settings.function_version), inv)
         self._emit_platform(report.timeout_log_line(request_id, timeout_s, time.time()), inv)
         inv.reset = True
         outcome = Outcome(

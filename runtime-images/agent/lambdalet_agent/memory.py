@@ -22,6 +22,7 @@ import contextlib
 import os
 import resource
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -64,7 +65,8 @@ class CgroupV1Limiter:
         base = root / _own_cgroup_v1_path().lstrip("/")
         if not (base / "cgroup.procs").exists():
             base = root
-        _remove_stale(base)
+        # Best-effort cleanup, off the cold-start path: it checks every sibling cgroup (one per live agent).
+        threading.Thread(target=_remove_stale, args=(base,), name="cgroup-cleanup", daemon=True).start()
         self.path = base / f"lambdalet-{os.getpid()}"
         self.path.mkdir(exist_ok=True)
         limit = str(memory_mb * MIB)
