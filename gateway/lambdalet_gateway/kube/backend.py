@@ -458,8 +458,12 @@ class KubernetesBackend:
         async with state.lock:
             if state.removed:
                 return
-            current = await self._current_replicas(state)
-            if current is None:
+            # The server's count, not the last watch event: a stale count could lower by two, and the
+            # ReplicaSet would then choose the second pod itself.
+            try:
+                current = state.replicas = await self._api.get_scale(state.namespace, state.name)
+            except KubeError as exc:
+                log.warning("reading the scale of %s/%s failed: %s", state.namespace, state.name, exc)
                 return
             spec = state.function.spec
             floor = spec.provisionedConcurrency
