@@ -39,13 +39,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from lambdalet.spec import Function
+from lambdalet.spec import Function, SpecError
 from lambdalet_gateway.backend import Environment, EnvironmentId, LostCallback, StartError
 from lambdalet_gateway.registry import Catalog, FunctionRecord, Registry
 from lambdalet_gateway.settings import Settings
 
 from .api import DEPLOYMENTS, ENDPOINT_SLICES, FUNCTIONS, Conflict, Gone, KubeApi, KubeError, NotFound, Obj
-from .book import Endpoint, EndpointBook, Instances, ServiceKey, code_digest, lambda_time, select_functions
+from .book import (
+    Endpoint,
+    EndpointBook,
+    Instances,
+    ServiceKey,
+    code_digest,
+    function_of,
+    lambda_time,
+    select_functions,
+)
 
 log = logging.getLogger("lambdalet.gateway.kube")
 
@@ -144,6 +153,7 @@ class KubernetesBackend:
         self._closed = asyncio.Event()
         self._registry: FunctionWatch | None = None
         self._function_objects: dict[tuple[str, str], Obj] = {}
+        self._parsed: dict[tuple[str, str], tuple[object, Function | SpecError]] = {}
         self._replicas: dict[tuple[str, str], int] = {}
         self._book = EndpointBook()
         self._states: dict[str, _FunctionState] = {}
@@ -232,11 +242,13 @@ class KubernetesBackend:
             del self._function_objects[key]
         for obj in items:
             self._function_objects[_key(obj)] = obj
+        self._parsed = {key: value for key, value in self._parsed.items() if key in self._function_objects}
         self._publish()
 
     def _function_event(self, event_type: str, obj: Obj) -> None:
         if event_type == "DELETED":
             self._function_objects.pop(_key(obj), None)
+            self._parsed.pop(_key(obj), None)
         else:
             known = self._function_objects.get(_key(obj))
             if known is not None and _generation(known) == _generation(obj):
@@ -246,7 +258,7 @@ class KubernetesBackend:
         self._publish()
 
     def _publish(self) -> None:
-        chosen, errors = select_functions(self._function_objects.values())
+        chosen, errors = select_functions(self._function_objects.values(), self._parse)
         for error in errors:
             log.error("invalid Function: %s", error)
         records: dict[str, FunctionRecord] = {}
@@ -262,6 +274,21 @@ class KubernetesBackend:
                 state.function = current[0]
         if self._registry is not None:
             self._registry.publish(Catalog(records, tuple(errors)))
+
+    def _parse(self, obj: Mapping[str, Any]) -> Function:
+        """``function_of``, once per object generation (every Function event republishes them all)."""
+        meta = obj.get("metadata") or {}
+        version = (meta.get("uid"), meta.get("generation"))
+        cached = self._parsed.get(_key(obj))
+        if cached is None or cached[0] != version:
+            try:
+                cached = (version, function_of(obj))
+            except SpecError as exc:
+                cached = (version, exc)
+            self._parsed[_key(obj)] = cached
+        if isinstance(cached[1], SpecError):
+            raise cached[1]
+        return cached[1]
 
     def _drop(self, state: _FunctionState) -> None:
         state.removed = True

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import json
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -256,16 +256,18 @@ def lambda_time(timestamp: str | None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}+0000"
 
 
-def select_functions(objects: Iterable[Mapping[str, Any]]) -> tuple[dict[str, tuple[Function, str]], list[SpecError]]:
+def select_functions(
+    objects: Iterable[Mapping[str, Any]], parse: Callable[[Mapping[str, Any]], Function] = function_of
+) -> tuple[dict[str, tuple[Function, str]], list[SpecError]]:
     """Valid Functions by name (the oldest wins a name used in two namespaces), with their creation
-    time; invalid ones as errors."""
+    time; invalid ones as errors. ``parse`` may be a cached :func:`function_of`."""
     chosen: dict[str, tuple[Function, str]] = {}
     errors: list[SpecError] = []
     ordered = sorted(objects, key=lambda o: str((o.get("metadata") or {}).get("creationTimestamp") or ""))
     for obj in ordered:
         meta = obj.get("metadata") or {}
         try:
-            function = function_of(obj)
+            function = parse(obj)
         except SpecError as exc:
             errors.append(exc)
             continue
