@@ -7,7 +7,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from lambdalet_gateway.kube.book import Endpoint, EndpointBook, Instances, function_of, lambda_time, slice_endpoints
+from lambdalet_gateway.kube.book import (
+    Endpoint,
+    EndpointBook,
+    Instances,
+    function_of,
+    lambda_time,
+    select_functions,
+    slice_endpoints,
+)
 
 
 def endpoint_slice(
@@ -140,3 +148,27 @@ def test_function_objects_become_the_spec_model() -> None:
     function = function_of(obj)
     assert (function.name, function.metadata.namespace, function.spec.runtime) == ("hello", "team", "python3.12")
     assert lambda_time("2026-11-26T22:10:15Z") == "2026-11-26T22:10:15.000+0000"
+
+
+def test_invalid_functions_and_a_name_served_twice_are_errors() -> None:
+    def obj(name: str, namespace: str, created: str, **spec: Any) -> dict[str, Any]:
+        body = {"runtime": "python3.12", "handler": "app.handler", "code": {"inline": {"files": {"a.py": ""}}}}
+        return {
+            "apiVersion": "lambdalet.dev/v1alpha1",
+            "kind": "Function",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": created},
+            "spec": body | spec,
+        }
+
+    chosen, errors = select_functions(
+        [
+            obj("hello", "late", "2026-11-26T22:00:05Z"),
+            obj("hello", "early", "2026-11-26T22:00:01Z"),
+            obj("broken", "early", "2026-11-26T22:00:01Z", memoryMB=1),
+        ]
+    )
+    assert list(chosen) == ["hello"] and chosen["hello"][0].metadata.namespace == "early"
+    messages = sorted(str(e) for e in errors)
+    assert (
+        messages[0].startswith("early/broken: spec.memoryMB") and "already served from namespace early" in messages[1]
+    )
