@@ -209,6 +209,8 @@ class LambdaContext:
         invoked_function_arn: str | None,
         client_context: dict[str, object] | None,
         cognito_identity: dict[str, object] | None,
+        *,
+        tenant_id: str | None = None,
     ) -> None:
         env = os.environ
         self.aws_request_id = request_id
@@ -218,6 +220,7 @@ class LambdaContext:
         self.memory_limit_in_mb = env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
         self.function_version = env.get("AWS_LAMBDA_FUNCTION_VERSION")
         self.invoked_function_arn = invoked_function_arn
+        self.tenant_id = tenant_id
         self.client_context: ClientContext | None = None
         if client_context is not None:
             self.client_context = ClientContext(**{k: v for k, v in client_context.items() if isinstance(k, str)})
@@ -366,6 +369,7 @@ def handle(client: RuntimeClient, handler: object, body: bytes, headers: Headers
             headers.get("Lambda-Runtime-Invoked-Function-Arn"),
             _json_header(headers.get("Lambda-Runtime-Client-Context"), "Client Context"),
             _json_header(headers.get("Lambda-Runtime-Cognito-Identity"), "Cognito Identity"),
+            tenant_id=headers.get("Lambda-Runtime-Aws-Tenant-Id"),
         )
         content_type = headers.get("Content-Type") or "application/json"
         if content_type == "application/json":
