@@ -22,6 +22,8 @@ from chart_support import Release, example_functions, helm, install, wait_ready
 from cluster_support import Cluster, http, wait_until
 
 IDLE_TIMEOUT_S = 3
+# helm install --wait, cold pods and a gateway restart on a shared 2-core machine: above the 120 s default.
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
