@@ -47,7 +47,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway
     tmp = tmp_path_factory.mktemp("runtimes-gateway")
     manifests = []
     for flavor in OURS:
-        manifests.append(_manifest(tmp, _name(flavor, "main"), flavor, flavor.handler, timeoutSeconds=3, memoryMB=384))
+        # A generous timeout for the main function (a cold JVM echoing 6 MB on a loaded machine is slow);
+        # a short one for the timeout case.
+        main = _manifest(tmp, _name(flavor, "main"), flavor, flavor.handler, timeoutSeconds=20, memoryMB=384)
+        manifests.append(main)
+        manifests.append(_manifest(tmp, _name(flavor, "short"), flavor, flavor.handler, timeoutSeconds=2))
         variables = {"variables": dict(flavor.init.env)} if flavor.init.env else None
         extra: dict[str, Any] = {"environment": variables} if variables else {}
         manifests.append(_manifest(tmp, _name(flavor, "init"), flavor, flavor.init.handler, **extra))
@@ -85,11 +89,11 @@ def test_raised_error(gateway: RunningGateway, flavor: Flavor) -> None:
 
 
 def test_timeout_and_crash_reset(gateway: RunningGateway, flavor: Flavor) -> None:
-    name = _name(flavor, "main")
+    name = _name(flavor, "short")
     result, body = _invoke(gateway, name, {"action": "sleep", "seconds": 30})
     assert result["FunctionError"] == "Unhandled"
     assert body["errorType"] == "Sandbox.Timedout"
-    assert body["errorMessage"].endswith("Task timed out after 3.00 seconds")
+    assert body["errorMessage"].endswith("Task timed out after 2.00 seconds")
     assert _invoke(gateway, name, {"action": "count"})[1] == {"count": 1}
     result, body = _invoke(gateway, name, {"action": "crash"})
     assert result["FunctionError"] == "Unhandled"
@@ -110,7 +114,7 @@ def test_context_fields(gateway: RunningGateway, flavor: Flavor) -> None:
     result, context = _invoke(gateway, name, {"action": "context"})
     assert "FunctionError" not in result, context
     assert context["requestId"] == result["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
-    assert 0 < context["remainingMs"] <= 3000
+    assert 0 < context["remainingMs"] <= 20000
     assert context["functionName"] == name
     assert context["memoryMB"] == 384
     assert context["invokedFunctionArn"].endswith(f":function:{name}")
@@ -120,7 +124,7 @@ def test_six_megabytes_and_unicode(gateway: RunningGateway, flavor: Flavor) -> N
     name = _name(flavor, "main")
     payload = "y" * (SIX_MB - len('{"action": "echo", "payload": ""}'))
     result, body = _invoke(gateway, name, {"action": "echo", "payload": payload})
-    assert "FunctionError" not in result
+    assert "FunctionError" not in result, str(body)[:500]
     assert body == {"echo": payload}
     result, body = _invoke(gateway, name, {"action": "echo", "payload": {UNICODE: [UNICODE, "ß", "🙂"]}})
     assert body == {"echo": {UNICODE: [UNICODE, "ß", "🙂"]}}
