@@ -21,6 +21,8 @@ pytestmark = pytest.mark.slow
 RUNTIME_EXAMPLES = ["hello", "hello-node", "hello-java", "hello-ruby", "hello-go"]
 
 
+# On a fresh machine the first hello-java build downloads Maven's plugins: more than the default 120 s allows.
+@pytest.mark.timeout(600)
 def test_examples_greet_on_every_runtime(tmp_path: Path) -> None:
     java_ric()
     manifests = [EXAMPLES / name / "function.yaml" for name in RUNTIME_EXAMPLES]
