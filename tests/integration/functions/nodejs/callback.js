@@ -11,7 +11,7 @@ exports.waits = (event, context, callback) => {
 exports.noWait = (event, context, callback) => {
   context.callbackWaitsForEmptyEventLoop = false;
   const order = [];
-  setTimeout(() => order.push('timer'), 2000);
+  setTimeout(() => order.push('timer'), 30000);
   callback(null, order);
   order.push('callback');
 };
