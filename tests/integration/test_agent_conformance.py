@@ -40,7 +40,7 @@ CASES = [
     Case("raise_error", "app.raise_error", ({"message": "it broke"}, {})),
     Case("unicode", "app.unicode", ({},)),
     Case("not_serializable", "app.not_serializable", ({},)),
-    Case("big_response", "app.big_response", ({"bytes": 6291557},)),
+    Case("big_response", "app.big_response", ({"bytes": 6291557},), timeout_s=30),
     Case("crash", "app.crash", ({"code": 5}, {"code": 0})),
     Case("timeout", "app.sleep", ({"seconds": 5}, {"seconds": 0}), timeout_s=1),
     Case("syntax_error", "fn.handler", ({},), source="def handler(event, context)\n    return 1\n"),

@@ -190,7 +190,7 @@ async def test_a_second_concurrent_request_gets_a_clear_busy_error() -> None:
 
 
 async def test_request_payload_over_6mb_is_rejected_in_lambdas_format() -> None:
-    async with running_agent("app.echo") as agent:
+    async with running_agent("app.echo", timeout_s=30) as agent:  # 6 MB through JSON on a busy machine
         too_big = await agent.invoke(raw=b'"' + b"x" * (6 * 1024 * 1024 - 1) + b'"')
         just_fits = await agent.invoke(raw=b'"' + b"x" * (6 * 1024 * 1024 - 2) + b'"')
     assert too_big.status == 413
@@ -204,7 +204,7 @@ async def test_request_payload_over_6mb_is_rejected_in_lambdas_format() -> None:
 
 
 async def test_response_over_6mb_is_function_response_size_too_large() -> None:
-    async with running_agent("app.big_response", timeout_s=10) as agent:
+    async with running_agent("app.big_response", timeout_s=30) as agent:
         too_big = await agent.invoke({"bytes": 6 * 1024 * 1024 + 100 - 1})  # + 2 quotes = 6,291,557
         fits = await agent.invoke({"bytes": 6 * 1024 * 1024 + 100 - 2})  # exactly 6,291,556
     assert too_big.status == 200
