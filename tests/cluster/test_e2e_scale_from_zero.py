@@ -35,22 +35,30 @@ def release(cluster: Cluster) -> Iterator[Release]:
     cluster.delete_namespace(installed.namespace)
 
 
-@pytest.fixture(scope="module")
-def gateway(cluster: Cluster, release: Release) -> str:
-    """The gateway's URL: its pod IP and the Service's port."""
+def gateway_port(cluster: Cluster, release: Release) -> int:
     [service] = cluster.get("service", "-n", release.namespace, "-l", "app.kubernetes.io/component=gateway")["items"]
-    port = service["spec"]["ports"][0]["port"]
+    return int(service["spec"]["ports"][0]["port"])
+
+
+def ready_gateway_pod(cluster: Cluster, release: Release, other_than: str = "") -> str:
     selector = f"app.kubernetes.io/instance={release.name},app.kubernetes.io/component=gateway"
 
-    def ready_ip() -> str | None:
+    def ready() -> str | None:
         for pod in cluster.get("pods", "-n", release.namespace, "-l", selector)["items"]:
             statuses = pod["status"].get("containerStatuses") or []
-            if statuses and all(s["ready"] for s in statuses):
-                return str(pod["status"]["podIP"])
+            if pod["metadata"]["name"] != other_than and statuses and all(s["ready"] for s in statuses):
+                return str(pod["metadata"]["name"])
         return None
 
-    ip = wait_until(ready_ip, 90, "the gateway pod to be ready")
-    return f"http://{ip}:{port}"
+    return wait_until(ready, 90, "a ready gateway pod")
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster: Cluster, release: Release) -> Iterator[str]:
+    """The gateway's URL: its pod IP and the Service's port (a port-forward on an existing cluster)."""
+    pod = ready_gateway_pod(cluster, release)
+    with cluster.pod_address(release.namespace, pod, gateway_port(cluster, release)) as (host, port):
+        yield f"http://{host}:{port}"
 
 
 def lambda_client(gateway: str) -> Any:
@@ -252,18 +260,10 @@ def test_provisioned_pods_stay_warm_and_are_adopted_by_a_restarted_gateway(
     assert replicas(cluster, namespace, "warm") == 2 and ready_pods() == warm
 
     # A new gateway pod adopts the running pods: no scaling, no new pods.
-    selector = f"app.kubernetes.io/instance={release.name},app.kubernetes.io/component=gateway"
-    [old] = cluster.get("pods", "-n", release.namespace, "-l", selector)["items"]
-    cluster.kubectl("delete", "pod", "-n", release.namespace, old["metadata"]["name"], "--wait=false")
-
-    def new_gateway() -> str | None:
-        for pod in cluster.get("pods", "-n", release.namespace, "-l", selector)["items"]:
-            statuses = pod["status"].get("containerStatuses") or []
-            fresh = pod["metadata"]["name"] != old["metadata"]["name"]
-            if fresh and statuses and all(s["ready"] for s in statuses):
-                return f"http://{pod['status']['podIP']}:{gateway.rsplit(':', 1)[1]}"
-        return None
-
-    restarted = lambda_client(wait_until(new_gateway, 90, "a new gateway pod"))
-    assert invoke(restarted, "warm", {"name": "again"}) == {"message": "Hello, again!"}
+    old = ready_gateway_pod(cluster, release)
+    cluster.kubectl("delete", "pod", "-n", release.namespace, old, "--wait=false")
+    new = ready_gateway_pod(cluster, release, other_than=old)
+    with cluster.pod_address(release.namespace, new, gateway_port(cluster, release)) as (host, port):
+        restarted = lambda_client(f"http://{host}:{port}")
+        assert invoke(restarted, "warm", {"name": "again"}) == {"message": "Hello, again!"}
     assert replicas(cluster, namespace, "warm") == 2 and ready_pods() == warm
