@@ -12,7 +12,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,15 @@ async def running_agent(
             yield RunningAgent(agent, out, session)
     finally:
         await agent.stop()
+
+
+async def until(predicate: Callable[[], bool], limit_s: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds (state inside the agent that has no event of its own)."""
+    for _ in range(int(limit_s / 0.005)):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"condition not reached within {limit_s} s")
 
 
 def free_port() -> int:

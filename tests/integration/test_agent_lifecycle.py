@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_support import BOOTSTRAP, running_agent
+from agent_support import BOOTSTRAP, running_agent, until
 from lambdalet_agent.memory import RlimitLimiter
 
 
@@ -77,7 +77,7 @@ async def test_killed_runtime_reports_the_signal() -> None:
         process = agent.agent.env.process
         assert process is not None
         pending = asyncio.ensure_future(agent.invoke({"seconds": 5}))
-        await asyncio.sleep(0.3)
+        await until(lambda: agent.agent.env.running is not None)
         os.kill(process.pid, 9)
         result = await pending
     assert result.json()["errorMessage"].endswith("Error: Runtime exited with error: signal: killed")
