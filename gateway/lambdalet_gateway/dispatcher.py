@@ -235,7 +235,12 @@ class Dispatcher:
                     attempts += 1
                     if attempts >= _DELIVERY_ATTEMPTS:
                         raise
-                    log.warning("environment %s of %s refused the connection; delivering elsewhere", env.id, name)
+                    log.warning(
+                        "environment %s of %s refused the connection; delivering elsewhere",
+                        env.id,
+                        name,
+                        extra=_fields(env),
+                    )
                     continue
                 except BaseException:
                     pool.busy.pop(env.id, None)

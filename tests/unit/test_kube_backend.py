@@ -6,10 +6,12 @@ already run are adopted without scaling, and a pod that disappears is reported l
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from lambdalet_gateway.backend import Environment
 from lambdalet_gateway.kube.backend import KubernetesBackend
 from lambdalet_gateway.registry import Catalog
@@ -174,7 +176,7 @@ async def test_running_pods_are_adopted_without_scaling() -> None:
     await harness.backend.close()
 
 
-async def test_a_pod_that_disappears_is_reported_lost() -> None:
+async def test_a_pod_that_disappears_is_reported_lost(caplog: pytest.LogCaptureFixture) -> None:
     api = FakeApi(
         functions=[function_object("hello")],
         deployments=[deployment("hello", 1)],
@@ -182,9 +184,12 @@ async def test_a_pod_that_disappears_is_reported_lost() -> None:
     )
     harness = await opened(api)
     env = await asyncio.wait_for(harness.backend.start(harness.function("hello"), provisioned=False), 5)
-    api.emit("endpointslices", "MODIFIED", endpoint_slice("hello"))
-    await harness.settle()
+    with caplog.at_level(logging.WARNING, logger="lambdalet.gateway.kube"):
+        api.emit("endpointslices", "MODIFIED", endpoint_slice("hello"))
+        await harness.settle()
     assert harness.lost == [env]
+    [record] = caplog.records
+    assert (record.function, record.environment) == ("hello", f"{NS}/hello-a")  # type: ignore[attr-defined]
     await harness.backend.close()
 
 

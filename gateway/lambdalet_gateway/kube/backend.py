@@ -349,7 +349,9 @@ class KubernetesBackend:
         for endpoint in observed.lost:
             env = self._envs.pop((state.namespace, endpoint.pod), None)
             if env is not None:
-                log.warning("environment %s of %s is gone (pod deleted or stopping)", env.id, state.name)
+                log.warning(
+                    "environment %s of %s is gone (pod deleted or stopping)", env.id, state.name, extra=_fields(env)
+                )
                 self._on_lost(env)
 
     # ---- Backend ---------------------------------------------------------------------------------
@@ -378,7 +380,7 @@ class KubernetesBackend:
             handle=endpoint,
         )
         self._envs[(state.namespace, endpoint.pod)] = env
-        log.info("environment %s of %s ready at %s", env.id, function.name, env.url)
+        log.info("environment %s of %s ready at %s", env.id, function.name, env.url, extra=_fields(env))
         return env
 
     async def _wait_for_pod(self, state: _FunctionState, deadline: float) -> Endpoint:
@@ -477,7 +479,14 @@ class KubernetesBackend:
                 state.replicas = None
                 self._spawn(self._later(RETRY_S, self._raise(state)))
                 return
-            log.info("scaled %s/%s from %d to %d replicas", state.namespace, state.name, current, target)
+            log.info(
+                "scaled %s/%s from %d to %d replicas",
+                state.namespace,
+                state.name,
+                current,
+                target,
+                extra={"function": state.name, "namespace": state.namespace, "replicas": target},
+            )
 
     async def _lower(self, state: _FunctionState) -> None:
         """One pod was deleted: one replica less, but not below what is needed or provisioned."""
@@ -505,7 +514,14 @@ class KubernetesBackend:
                 log.warning("scaling %s/%s down to %d failed: %s", state.namespace, state.name, target, exc)
                 state.replicas = None
                 return
-            log.info("scaled %s/%s from %d to %d replicas", state.namespace, state.name, current, target)
+            log.info(
+                "scaled %s/%s from %d to %d replicas",
+                state.namespace,
+                state.name,
+                current,
+                target,
+                extra={"function": state.name, "namespace": state.namespace, "replicas": target},
+            )
 
     async def _reap(self) -> None:
         """Remove ready pods nobody took within the function's idle timeout (adopted or left over)."""
@@ -530,6 +546,11 @@ class KubernetesBackend:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("Kubernetes backend task failed", exc_info=task.exception())
+
+
+def _fields(env: Environment) -> dict[str, str]:
+    """Structured log fields of an environment (as the dispatcher logs them)."""
+    return {"function": env.function, "environment": env.id}
 
 
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
