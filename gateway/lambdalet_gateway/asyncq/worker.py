@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
@@ -65,6 +65,7 @@ class Worker:
         self.clock = clock
         self._inflight: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held: deque[Delivery] = deque()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._depth_task: asyncio.Task[None] | None = None
@@ -94,6 +95,10 @@ class Worker:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        held, self._held = self._held, deque()
+        for delivery in held:
+            with contextlib.suppress(QueueUnavailable):
+                await self.queue.release(delivery)
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -103,14 +108,36 @@ class Worker:
             return None
         return found.reserved_concurrency
 
+    def _has_room(self, function: str) -> bool:
+        cap = self._cap(function)
+        return cap is None or self._inflight[function] < cap
+
+    def _start(self, delivery: Delivery) -> None:
+        self._inflight[delivery.event.function] += 1
+        task = asyncio.create_task(self._deliver(delivery), name=f"asyncq-{delivery.event.request_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _start_held(self) -> None:
+        waiting: deque[Delivery] = deque()
+        for delivery in self._held:
+            if self._has_room(delivery.event.function):
+                self._start(delivery)
+            else:
+                waiting.append(delivery)
+        self._held = waiting
+
     async def _run(self) -> None:
         while True:
-            free = self.settings.worker_concurrency - len(self._tasks)
+            self._start_held()
+            free = self.settings.worker_concurrency - len(self._tasks) - len(self._held)
             if free <= 0:
-                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                await self._idle()
                 continue
+            # Functions at their reserved concurrency, or with leased events waiting here, are not leased.
             exclude = frozenset(
-                name for name, count in self._inflight.items() if (cap := self._cap(name)) is not None and count >= cap
+                {name for name in self._inflight if not self._has_room(name)}
+                | {delivery.event.function for delivery in self._held}
             )
             try:
                 deliveries = await self.queue.lease(free, exclude, self.clock())
@@ -121,20 +148,12 @@ class Worker:
             if not deliveries:
                 await self._idle()
                 continue
-            extras: list[Delivery] = []
             for delivery in deliveries:
-                name = delivery.event.function
-                cap = self._cap(name)
-                if cap is not None and self._inflight[name] >= cap:
-                    extras.append(delivery)
-                    continue
-                self._inflight[name] += 1
-                task = asyncio.create_task(self._deliver(delivery), name=f"asyncq-{delivery.event.request_id}")
-                self._tasks.add(task)
-                task.add_done_callback(self._done)
-            for delivery in extras:
-                with contextlib.suppress(QueueUnavailable):
-                    await self.queue.release(delivery)
+                if self._has_room(delivery.event.function):
+                    self._start(delivery)
+                else:
+                    # Keep the lease and start it when a delivery of that function ends.
+                    self._held.append(delivery)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
