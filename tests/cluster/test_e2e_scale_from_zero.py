@@ -212,6 +212,31 @@ def test_http_route_through_the_gateway(
     assert event["requestContext"]["http"]["method"] == "GET"
 
 
+def test_new_code_is_served_after_an_update(
+    cluster: Cluster, release: Release, gateway: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    namespace = release.functions
+    document = example("hello", idleTimeoutSeconds=60)
+    document["metadata"]["name"] = "updated"
+    folder = tmp_path_factory.mktemp("m")
+    kubectl_apply(cluster, namespace, document, folder)
+    wait_ready(cluster, namespace, "updated")
+    client = lambda_client(gateway)
+    wait_until(lambda: served(client, "updated"), 60, "the gateway to serve updated")
+    assert invoke(client, "updated", {"name": "v1"}) == {"message": "Hello, v1!"}
+    code = "def handler(event, context):\n    return {'version': 2}\n"
+    document["spec"]["code"] = {"inline": {"files": {"app.py": code}}}
+    kubectl_apply(cluster, namespace, document, folder)
+
+    def second_version() -> bool:
+        return invoke(client, "updated", {}) == {"version": 2}
+
+    wait_until(second_version, 60, "the new code to answer")
+    # The rollout settles on one pod of the new template, and only new code answers from then on.
+    wait_until(lambda: len(function_pods(cluster, namespace, "updated")) == 1, 60, "one pod left")
+    assert all(invoke(client, "updated", {}) == {"version": 2} for _ in range(3))
+
+
 def test_deleted_function_is_not_found(
     cluster: Cluster, release: Release, gateway: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -11,6 +11,7 @@ from lambdalet_gateway.kube.book import (
     Endpoint,
     EndpointBook,
     Instances,
+    Templates,
     function_of,
     lambda_time,
     select_functions,
@@ -172,3 +173,39 @@ def test_invalid_functions_and_a_name_served_twice_are_errors() -> None:
     assert (
         messages[0].startswith("early/broken: spec.memoryMB") and "already served from namespace early" in messages[1]
     )
+
+
+def replica_set(name: str, deployment: str, template_hash: str, revision: int) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "labels": {"pod-template-hash": template_hash},
+            "annotations": {"deployment.kubernetes.io/revision": str(revision)},
+            "ownerReferences": [{"kind": "Deployment", "name": deployment, "controller": True}],
+        }
+    }
+
+
+def test_the_newest_revision_names_the_current_pods() -> None:
+    templates = Templates()
+    assert templates.prefix(("ns", "hello")) is None
+    assert templates.apply("ADDED", replica_set("hello-aaa", "hello", "aaa", 1)) == ("ns", "hello")
+    assert templates.prefix(("ns", "hello")) == "hello-aaa-"
+    templates.apply("ADDED", replica_set("hello-bbb", "hello", "bbb", 2))
+    assert templates.prefix(("ns", "hello")) == "hello-bbb-"
+    templates.apply("MODIFIED", replica_set("hello-aaa", "hello", "aaa", 3))  # a rollback
+    assert templates.prefix(("ns", "hello")) == "hello-aaa-"
+    templates.apply("DELETED", replica_set("hello-aaa", "hello", "aaa", 3))
+    assert templates.prefix(("ns", "hello")) == "hello-bbb-"
+
+
+def test_pods_of_an_older_template_are_never_handed_out() -> None:
+    instances = Instances()
+    old = Endpoint("hello-aaa-x1", "u1", "10.0.0.1", 8080, True, False)
+    new = Endpoint("hello-bbb-y2", "u2", "10.0.0.2", 8080, True, False)
+    instances.observe({old.pod: old}, now=0, template="hello-bbb-")
+    assert instances.claim() is None
+    instances.observe({old.pod: old, new.pod: new}, now=1, template="hello-bbb-")
+    claimed = instances.claim()
+    assert claimed is not None and claimed.pod == new.pod

@@ -35,6 +35,7 @@ Obj = dict[str, Any]
 
 FUNCTIONS: Final = ("/apis/lambdalet.dev/v1alpha1", "functions")
 DEPLOYMENTS: Final = ("/apis/apps/v1", "deployments")
+REPLICA_SETS: Final = ("/apis/apps/v1", "replicasets")
 ENDPOINT_SLICES: Final = ("/apis/discovery.k8s.io/v1", "endpointslices")
 PODS: Final = ("/api/v1", "pods")
 

@@ -6,6 +6,8 @@ across all of them:
 - ``Function`` objects → the dispatcher's functions (through :class:`FunctionWatch`, the registry the app
   runs in place of the manifest registry); a deleted Function's next invocation is a 404;
 - the functions' Deployments → their replica count;
+- the functions' ReplicaSets → the current pod template (during a rollout, pods of an older template, that
+  is older code, are never handed out);
 - the functions' EndpointSlices (``kubernetes.io/service-name=<function>``) → ready pods (no polling).
 
 ``start`` hands out a ready pod nobody holds (one adopted at gateway start, or left over) or raises the
@@ -44,12 +46,24 @@ from lambdalet_gateway.backend import Environment, EnvironmentId, LostCallback, 
 from lambdalet_gateway.registry import Catalog, FunctionRecord, Registry
 from lambdalet_gateway.settings import Settings
 
-from .api import DEPLOYMENTS, ENDPOINT_SLICES, FUNCTIONS, Conflict, Gone, KubeApi, KubeError, NotFound, Obj
+from .api import (
+    DEPLOYMENTS,
+    ENDPOINT_SLICES,
+    FUNCTIONS,
+    REPLICA_SETS,
+    Conflict,
+    Gone,
+    KubeApi,
+    KubeError,
+    NotFound,
+    Obj,
+)
 from .book import (
     Endpoint,
     EndpointBook,
     Instances,
     ServiceKey,
+    Templates,
     code_digest,
     function_of,
     lambda_time,
@@ -156,6 +170,7 @@ class KubernetesBackend:
         self._parsed: dict[tuple[str, str], tuple[object, Function | SpecError]] = {}
         self._replicas: dict[tuple[str, str], int] = {}
         self._book = EndpointBook()
+        self._templates = Templates()
         self._states: dict[str, _FunctionState] = {}
         self._envs: dict[tuple[str, str], Environment] = {}
         self._tasks: set[asyncio.Future[None]] = set()
@@ -179,6 +194,7 @@ class KubernetesBackend:
         ] = [
             (FUNCTIONS, "", self._functions_listed, self._function_event),
             (DEPLOYMENTS, FUNCTION_LABEL, self._deployments_listed, self._deployment_event),
+            (REPLICA_SETS, FUNCTION_LABEL, self._replica_sets_listed, self._replica_set_event),
             (ENDPOINT_SLICES, SLICE_SELECTOR, self._slices_listed, self._slice_event),
         ]
         for scope in self._scopes:
@@ -328,6 +344,17 @@ class KubernetesBackend:
             if state.instances.needed() > replicas:
                 self._spawn(self._raise(state))
 
+    # ---- ReplicaSets (which pods run the current template) -------------------------------------
+
+    def _replica_sets_listed(self, scope: str | None, items: list[Obj]) -> None:
+        for key in self._templates.replace(scope, items):
+            self._service_changed(key)
+
+    def _replica_set_event(self, event_type: str, obj: Obj) -> None:
+        key = self._templates.apply(event_type, obj)
+        if key is not None:
+            self._service_changed(key)
+
     # ---- EndpointSlices --------------------------------------------------------------------------
 
     def _slices_listed(self, scope: str | None, items: list[Obj]) -> None:
@@ -345,7 +372,8 @@ class KubernetesBackend:
             self._observe(state)
 
     def _observe(self, state: _FunctionState) -> None:
-        observed = state.instances.observe(self._book.endpoints(state.key), time.monotonic())
+        endpoints = self._book.endpoints(state.key)
+        observed = state.instances.observe(endpoints, time.monotonic(), self._templates.prefix(state.key))
         for endpoint in observed.lost:
             env = self._envs.pop((state.namespace, endpoint.pod), None)
             if env is not None:

@@ -115,6 +115,64 @@ class EndpointBook:
         return merged
 
 
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+TEMPLATE_HASH_LABEL = "pod-template-hash"
+
+
+class Templates:
+    """Every watched ReplicaSet, folded into the current pod template of each Deployment: the newest
+    revision's ``pod-template-hash``, which names its pods ``<deployment>-<hash>-<suffix>``."""
+
+    def __init__(self) -> None:
+        self._sets: dict[ServiceKey, dict[str, tuple[int, str]]] = {}
+
+    @staticmethod
+    def key(obj: Mapping[str, Any]) -> ServiceKey | None:
+        meta = obj.get("metadata") or {}
+        for owner in meta.get("ownerReferences") or []:
+            if owner.get("kind") == "Deployment" and owner.get("controller"):
+                return str(meta.get("namespace") or ""), str(owner.get("name") or "")
+        return None
+
+    def apply(self, event_type: str, obj: Mapping[str, Any]) -> ServiceKey | None:
+        key = self.key(obj)
+        if key is None:
+            return None
+        meta = obj.get("metadata") or {}
+        name = str(meta.get("name") or "")
+        sets = self._sets.setdefault(key, {})
+        template_hash = (meta.get("labels") or {}).get(TEMPLATE_HASH_LABEL)
+        if event_type == "DELETED" or not template_hash:
+            sets.pop(name, None)
+        else:
+            try:
+                revision = int((meta.get("annotations") or {}).get(REVISION_ANNOTATION) or 0)
+            except ValueError:
+                revision = 0
+            sets[name] = (revision, str(template_hash))
+        if not sets:
+            del self._sets[key]
+        return key
+
+    def replace(self, namespace: str | None, items: Iterable[Mapping[str, Any]]) -> set[ServiceKey]:
+        touched = {key for key in self._sets if namespace is None or key[0] == namespace}
+        for key in touched:
+            del self._sets[key]
+        for obj in items:
+            added = self.apply("ADDED", obj)
+            if added is not None:
+                touched.add(added)
+        return touched
+
+    def prefix(self, key: ServiceKey) -> str | None:
+        """The pod-name prefix of the current template's pods (None: not known, any pod will do)."""
+        sets = self._sets.get(key)
+        if not sets:
+            return None
+        _, template_hash = max(sets.values())
+        return f"{key[1]}-{template_hash}-"
+
+
 @dataclass(slots=True)
 class Observed:
     """What one look at a function's endpoints changed."""
@@ -145,8 +203,11 @@ class Instances:
         """Pods the function needs right now: those handed out plus one per waiting start."""
         return len(self.assigned) + self.waiting()
 
-    def observe(self, endpoints: Mapping[str, Endpoint], now: float) -> Observed:
-        """Take the Service's current endpoints: lose vanished pods, serve waiting starts FIFO."""
+    def observe(self, endpoints: Mapping[str, Endpoint], now: float, template: str | None = None) -> Observed:
+        """Take the Service's current endpoints: lose vanished pods, serve waiting starts FIFO.
+
+        ``template`` is the pod-name prefix of the Deployment's current template: during a rollout, pods
+        of an older template (old code) are never handed out."""
         self._current = dict(endpoints)
         observed = Observed()
         for pod, held in list(self.assigned.items()):
@@ -158,7 +219,8 @@ class Instances:
         self.deleting &= set(endpoints)
         free: dict[str, Endpoint] = {}
         for pod, endpoint in endpoints.items():
-            if endpoint.ready and pod not in self.assigned and pod not in self.deleting:
+            eligible = template is None or pod.startswith(template)
+            if eligible and endpoint.ready and pod not in self.assigned and pod not in self.deleting:
                 free[pod] = endpoint
         self.free_since = {pod: self.free_since.get(pod, now) for pod in free}
         self.free = free
