@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from lambdalet_agent import report
@@ -86,7 +86,6 @@ class Invocation:
     max_memory_mb: int = 0
     reset: bool = False
     streaming: bool = False
-    headers_extra: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -144,7 +143,6 @@ class Environment:
         self._flush_scheduled = False
         self._closing = False
         self._respawn_task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ----------------------------------------------------------------------------------- lifecycle
 
@@ -178,7 +176,6 @@ class Environment:
         return env
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         await self._spawn()
 
     async def _spawn(self) -> None:
@@ -344,7 +341,8 @@ class Environment:
         if inv.timer is None:
             self._arm_timer(inv, loop)
         assert inv.deadline_at is not None
-        inv.deadline_epoch_ms = int(time.time() * 1000 + (inv.deadline_at - now) * 1000)
+        # The deadline the runtime sees is the one the agent enforces (its timer runs on loop time).
+        inv.deadline_epoch_ms = report.deadline_ms(int(time.time() * 1000), inv.deadline_at - now)
         self.running = inv
         if self.process is not None:
             self.limiter.reset_peak(self.process.pid)

@@ -34,11 +34,6 @@ def deadline_ms(start_epoch_ms: int, timeout_s: float) -> int:
     return start_epoch_ms + round(timeout_s * 1000)
 
 
-def remaining_ms(deadline: int, now_epoch_ms: int) -> int:
-    """What ``get_remaining_time_in_millis()`` returns: never negative."""
-    return max(0, deadline - now_epoch_ms)
-
-
 def billed_ms(duration_ms: float) -> int:
     """Billed Duration: the duration rounded up to the next whole millisecond (at least 1 ms)."""
     return max(1, math.ceil(duration_ms - 1e-9))
