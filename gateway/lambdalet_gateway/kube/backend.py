@@ -199,7 +199,13 @@ class KubernetesBackend:
         ]
         for scope in self._scopes:
             for kind, selector, listed, event in kinds:
-                items, version = await self._api.list(kind, scope, selector)
+                try:
+                    items, version = await self._api.list(kind, scope, selector)
+                except KubeError as exc:
+                    if kind == FUNCTIONS:
+                        raise  # no functions to serve: fail fast (credentials, RBAC, CRD missing)
+                    log.warning("listing %s in %s failed (the watch retries): %s", kind[1], scope or "all", exc)
+                    items, version = [], ""
                 listed(scope, items)
                 self._watches.append(
                     asyncio.create_task(
