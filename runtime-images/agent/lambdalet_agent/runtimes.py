@@ -45,7 +45,7 @@ class RuntimeSpec:
 def runtimes_dir(environ: Mapping[str, str]) -> Path:
     configured = environ.get("LAMBDALET_RUNTIMES_DIR")
     if configured:
-        return Path(configured)
+        return Path(configured).absolute()  # the bootstrap runs with the code directory as cwd
     return Path(__file__).resolve().parent.parent.parent
 
 
