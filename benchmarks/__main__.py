@@ -65,18 +65,36 @@ class Run:
             log(f"section {name}: {time.monotonic() - started:.1f} s")
 
 
-def gateway_documents(plan: Plan, workdir: Path) -> tuple[list[str], list[str], list[Path], Path]:
-    docs = [targets.manifest("noop"), targets.manifest("burst")]
+def gateway_documents(plan: Plan, workdir: Path) -> tuple[list[str], list[str], list[Path]]:
+    docs = [targets.manifest("noop")]
     names = [f"cold-{i:02d}" for i in range(plan.gateway_cold_trials)]
     marks = [workdir / f"cold-gateway-{i:02d}.marks" for i in range(plan.gateway_cold_trials)]
     docs += [targets.manifest(n, env={"BENCH_MARKS": str(m)}) for n, m in zip(names, marks, strict=True)]
+    return docs, names, marks
+
+
+def gateway_scale(plan: Plan, workdir: Path) -> dict[str, Any]:
+    """Throttling and the burst from zero, on a fresh gateway (default settings)."""
     running = workdir / "capped.running"
-    docs.append(
-        targets.manifest(
-            "capped", env={"BENCH_RUNNING": str(running), "BENCH_SLEEP_S": "0.02"}, reserved=plan.throttle_cap
-        )
+    capped = targets.manifest(
+        "capped", env={"BENCH_RUNNING": str(running), "BENCH_SLEEP_S": "0.02"}, reserved=plan.throttle_cap
     )
-    return docs, names, marks, running
+    gateway = targets.start_gateway(workdir, [targets.manifest("burst"), capped], tag="gateway-scale")
+    out: dict[str, Any] = {}
+    try:
+        out["throttle"] = scale.throttle(
+            gateway.addresses[0], "capped", plan.throttle_cap, running, plan.throttle_seconds
+        )
+        log(f"throttle {out['throttle']}")
+        needed_mb = plan.burst * 45  # an agent and its bootstrap, PSS
+        if machine.mem_available_mb() < needed_mb * 1.3:
+            raise RuntimeError(f"not enough free memory for {plan.burst} environments ({needed_mb} MB)")
+        out["gateway_burst"] = scale.gateway_burst(gateway.addresses[0], "burst", plan.burst)
+        out["gateway_burst"]["environments"] = targets.gateway_environments(gateway.addresses[0], "burst")
+        log(f"burst gateway {out['gateway_burst']}")
+    finally:
+        gateway.stop()
+    return out
 
 
 def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
@@ -109,7 +127,7 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
             started_targets.append(targets.start_agents(max_c, workdir))
             for target in started_targets:
                 target.warm_up()
-        docs, cold_names, cold_marks, running = gateway_documents(plan, workdir)
+        docs, cold_names, cold_marks = gateway_documents(plan, workdir)
         with r.section("gateway start"):
             gateway = targets.start_gateway(workdir, docs)
             gateway.warm_up()
@@ -152,24 +170,13 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
         if gateway is not None:
             with r.section("cold (gateway)"):
                 res.setdefault("cold", {}).update(gateway_cold(gateway, workdir, cold_names, cold_marks))
-            with r.section("throttle"):
-                res.setdefault("scale", {})["throttle"] = scale.throttle(
-                    gateway.addresses[0], "capped", plan.throttle_cap, running, plan.throttle_seconds
-                )
-                log(f"throttle {res['scale']['throttle']}")
-            with r.section("burst (gateway)"):
-                needed_mb = plan.burst * 70  # an agent and its bootstrap, RSS
-                if machine.mem_available_mb() < needed_mb * 1.5:
-                    raise RuntimeError(f"not enough free memory for {plan.burst} environments ({needed_mb} MB)")
-                res.setdefault("scale", {})["gateway_burst"] = scale.gateway_burst(
-                    gateway.addresses[0], "burst", plan.burst
-                )
-                log(f"burst gateway {res['scale']['gateway_burst']}")
             gateway.stop()
             started_targets.remove(gateway)
+        with r.section("scale (gateway)"):
+            res.setdefault("scale", {}).update(gateway_scale(plan, workdir))
         with r.section("burst (emulator)"):
-            needed_mb = plan.burst * 40
-            if machine.mem_available_mb() < needed_mb * 2:
+            needed_mb = plan.burst * 30  # an emulator and awslambdaric, RSS
+            if machine.mem_available_mb() < needed_mb * 1.3:
                 raise RuntimeError(f"not enough free memory for {plan.burst} emulator processes")
             res.setdefault("scale", {})["rie_burst"] = scale.rie_burst(binary, plan.burst)
             log(f"burst emulator {res['scale']['rie_burst']}")

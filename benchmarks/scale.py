@@ -79,7 +79,10 @@ async def _rie_burst(binary: Path, count: int) -> tuple[float, list[float], Coun
                         async with session.post(url, data=targets.EVENT) as resp:
                             await resp.read()
                             return resp.status, time.monotonic() - t0
-                    except aiohttp.ClientConnectorError:
+                    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+                        # not listening yet, or accepted while still starting: try again
+                        if time.monotonic() - t0 > 120:
+                            raise
                         await asyncio.sleep(0.001)
 
             results = await asyncio.gather(*(one(port) for port, _ in ports))
@@ -122,7 +125,14 @@ async def _drive(address: targets.Address, path: str, clients: int, seconds: flo
 def throttle(address: targets.Address, function: str, cap: int, running_file: Path, seconds: float) -> dict[str, Any]:
     """2 x cap clients against a function capped at ``cap``; counts from the function's own marks."""
     clients = 2 * cap
-    statuses = asyncio.run(_drive(address, f"/2015-03-31/functions/{function}/invocations", clients, seconds))
+    path = f"/2015-03-31/functions/{function}/invocations"
+    # bring the function to its cap first, so the overload meets warm environments
+    deadline = time.monotonic() + 120
+    while sum(targets.gateway_environments(address, function).values()) < cap and time.monotonic() < deadline:
+        asyncio.run(_drive(address, path, cap, 0.5))
+    targets.wait_gateway_environments(address, function, cap)
+    running_file.write_text("")
+    statuses = asyncio.run(_drive(address, path, clients, seconds))
     intervals = read_intervals(running_file)
     return {
         "cap": cap,
