@@ -6,9 +6,10 @@ Two mechanisms, chosen once at startup by :func:`create_limiter`:
   (``/sys/fs/cgroup/memory/<agent's cgroup>/lambdalet-<pid>``) with ``memory.limit_in_bytes`` (and
   ``memory.memsw.limit_in_bytes`` when swap accounting exists) set to ``memoryMB``. Every runtime process
   is moved into it right after it is spawned; the kernel's OOM killer SIGKILLs the tree when it goes over,
-  which the agent reports as ``Runtime.ExitError`` (``signal: killed``). Max Memory Used is
-  ``memory.max_usage_in_bytes``, reset at the start of every invocation (one read and one write per
-  invocation, no polling).
+  which the agent reports as ``Runtime.ExitError`` (``signal: killed``). Max Memory Used is the larger of
+  ``memory.max_usage_in_bytes`` (the whole tree) and the main process's peak RSS (``VmHWM``, which also
+  counts shared pages the cgroup is not charged for), both reset at the start of every invocation:
+  a few reads and writes on files kept open (~15 us per invocation), no polling.
 - :class:`RlimitLimiter` (fallback when the cgroup hierarchy is not writable, e.g. an unprivileged
   pod): ``RLIMIT_DATA`` = ``memoryMB`` on the runtime's main process via ``prlimit`` (it caps heap and
   private anonymous mappings, so allocations fail with MemoryError/ENOMEM instead of a kill; thread stacks
@@ -81,20 +82,26 @@ class CgroupV1Limiter:
         self._procs = self.path / "cgroup.procs"
         # Kept open: a reset and a read per invocation cost ~5 us this way, ~110 us opening the file.
         self._max_usage = os.open(self.path / "memory.max_usage_in_bytes", os.O_RDWR | os.O_CLOEXEC)
+        self._rss = _PeakRss()
 
     def attach(self, pid: int) -> None:
         with contextlib.suppress(ProcessLookupError, OSError):
             self._procs.write_text(str(pid))
+        self._rss.watch(pid)
 
     def reset_peak(self, pid: int) -> None:
         with contextlib.suppress(OSError):
             os.pwrite(self._max_usage, b"0", 0)
+        self._rss.reset(pid)
 
     def peak_bytes(self, pid: int) -> int:
         try:
-            return int(os.pread(self._max_usage, 32, 0))
+            charged = int(os.pread(self._max_usage, 32, 0))
         except (OSError, ValueError):
-            return 0
+            charged = 0
+        # The cgroup is charged only for pages its processes brought in (shared library pages another
+        # process loaded first are not), so the main process's own peak RSS is the floor.
+        return max(charged, self._rss.read(pid))
 
     def kill_all(self) -> None:
         with contextlib.suppress(OSError):
@@ -105,6 +112,7 @@ class CgroupV1Limiter:
     def close(self) -> None:
         """Remove the cgroup (it empties once its killed processes have been reaped)."""
         self.kill_all()
+        self._rss.close()
         with contextlib.suppress(OSError):
             os.close(self._max_usage)
         for _ in range(100):
@@ -127,31 +135,28 @@ def _remove_stale(base: Path) -> None:
                 path.rmdir()
 
 
-class RlimitLimiter:
-    mechanism = "rlimit"
+class _PeakRss:
+    """The kernel's peak RSS (``VmHWM``) of one process, resettable; its /proc files are kept open."""
 
-    def __init__(self, memory_mb: int) -> None:
-        self.limit = memory_mb * MIB
-        self._pid = 0
-        self._status = -1  # /proc/<pid>/status and clear_refs of the current runtime, kept open
+    def __init__(self) -> None:
+        self.pid = 0
+        self._status = -1
         self._clear_refs = -1
 
-    def attach(self, pid: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            resource.prlimit(pid, resource.RLIMIT_DATA, (self.limit, self.limit))
-        self._close_fds()
-        self._pid = pid
+    def watch(self, pid: int) -> None:
+        self.close()
+        self.pid = pid
         with contextlib.suppress(OSError):
             self._status = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
             self._clear_refs = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
 
-    def reset_peak(self, pid: int) -> None:
-        if pid == self._pid and self._clear_refs >= 0:
+    def reset(self, pid: int) -> None:
+        if pid == self.pid and self._clear_refs >= 0:
             with contextlib.suppress(OSError):
                 os.pwrite(self._clear_refs, b"5", 0)
 
-    def peak_bytes(self, pid: int) -> int:
-        if pid != self._pid or self._status < 0:
+    def read(self, pid: int) -> int:
+        if pid != self.pid or self._status < 0:
             return 0
         try:
             data = os.pread(self._status, 4096, 0)
@@ -160,18 +165,37 @@ class RlimitLimiter:
         except (OSError, ValueError):
             return 0
 
-    def kill_all(self) -> None:
-        """Nothing beyond the process group, which the supervisor kills."""
-
-    def _close_fds(self) -> None:
+    def close(self) -> None:
         for fd in (self._status, self._clear_refs):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._status = self._clear_refs = -1
 
+
+class RlimitLimiter:
+    mechanism = "rlimit"
+
+    def __init__(self, memory_mb: int) -> None:
+        self.limit = memory_mb * MIB
+        self._rss = _PeakRss()
+
+    def attach(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            resource.prlimit(pid, resource.RLIMIT_DATA, (self.limit, self.limit))
+        self._rss.watch(pid)
+
+    def reset_peak(self, pid: int) -> None:
+        self._rss.reset(pid)
+
+    def peak_bytes(self, pid: int) -> int:
+        return self._rss.read(pid)
+
+    def kill_all(self) -> None:
+        """Nothing beyond the process group, which the supervisor kills."""
+
     def close(self) -> None:
-        self._close_fds()
+        self._rss.close()
 
 
 def create_limiter(memory_mb: int) -> MemoryLimiter:
