@@ -31,7 +31,6 @@ from lambdalet_gateway.asyncq.worker import Worker
 from lambdalet_gateway.dispatcher import Dispatcher
 from lambdalet_gateway.errors import LambdaError, RequestTooLarge, ResourceNotFound, ServiceError
 from lambdalet_gateway.errors import Throttled as GatewayThrottled
-from lambdalet_gateway.invoke import DISPATCHER
 
 log = logging.getLogger("lambdalet.asyncq")
 
@@ -136,7 +135,9 @@ def open_queue(settings: AsyncSettings) -> EventQueue:
 
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     """``app.cleanup_ctx`` entry, after the one that creates the dispatcher and loads the functions."""
-    from lambdalet_gateway.app import METRICS  # noqa: PLC0415 (app.py imports this module)
+    # app.py and invoke.py import this module: their keys are imported here, at startup
+    from lambdalet_gateway.app import METRICS  # noqa: PLC0415
+    from lambdalet_gateway.invoke import DISPATCHER  # noqa: PLC0415
 
     settings = AsyncSettings.from_env(os.environ)
     queue = open_queue(settings)
