@@ -34,7 +34,7 @@ from .backend import Environment, EnvironmentId, LostCallback, StartError
 from .cpu import CpuCgroups
 from .logs import LogStore
 from .settings import Settings
-from .standby import StandbyPool
+from .standby import ForkServer, StandbyPool
 
 log = logging.getLogger("lambdalet.gateway.local")
 
@@ -85,10 +85,15 @@ class LocalBackend:
         env["PYTHONUNBUFFERED"] = "1"
         self._base_env = env
         self._cpu = CpuCgroups.detect() if settings.cpu_limits else None
-        # Pre-started agents (see standby.py): opt-in, LAMBDALET_STANDBY_AGENTS=N keeps N ready.
+        # Agents without an interpreter start (see standby.py), opt-in: LAMBDALET_AGENT_FORK_SERVER=1 forks
+        # each from one process that imported the agent; LAMBDALET_STANDBY_AGENTS=N keeps N pre-started.
         standby = int(os.environ.get("LAMBDALET_STANDBY_AGENTS") or 0)
-        self._standby = StandbyPool(settings.agent_python, env, standby) if standby > 0 else None
-        if self._standby is not None:
+        self._standby: StandbyPool | ForkServer | None = None
+        if os.environ.get("LAMBDALET_AGENT_FORK_SERVER", "") in {"1", "true", "yes"}:
+            self._standby = ForkServer(settings.agent_python, env)
+            self._standby.start_soon()
+        elif standby > 0:
+            self._standby = StandbyPool(settings.agent_python, env, standby)
             self._standby.fill_soon()
         if self._cpu is not None:
             log.info("CPU limits (memoryMB/1769 of a CPU per environment): %s", self._cpu.mechanism)
@@ -306,10 +311,10 @@ class LocalBackend:
                 await reader
 
     async def close(self) -> None:
-        if self._standby is not None:
-            await self._standby.close()
         environments = list(self._environments.values())
         await asyncio.gather(*(self.stop(env) for env in environments), return_exceptions=True)
+        if self._standby is not None:
+            await self._standby.close()
         if self._session is not None:
             await self._session.close()
         if self._cpu is not None:

@@ -1,13 +1,17 @@
-"""Pre-started (standby) agents in the local backend (LAMBDALET_STANDBY_AGENTS=N): an environment started
-from a standby behaves like one started from scratch (the function's variables, its code directory as the
-working directory, Init Duration on the first invocation), the pool is refilled for the next cold start,
-and no process is left once the gateway stops."""
+"""Agents started without an interpreter start in the local backend: pre-started (standby) agents
+(LAMBDALET_STANDBY_AGENTS=N) and agents forked by a fork server (LAMBDALET_AGENT_FORK_SERVER=1). Such an
+environment behaves like one started from scratch (the function's variables, its code directory as the
+working directory, Init Duration on the first invocation, one environment per concurrent invocation, a
+dead agent noticed), the standby pool is refilled for the next cold start, and no process is left once the
+gateway stops."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -83,3 +87,41 @@ def test_without_the_setting_no_standby_is_started(tmp_path: Path, monkeypatch: 
         result, _ = invoke(gateway, "plain")
         assert result["from_standby"] is False
         assert idle_standbys() == set()
+
+
+SLEEPER = """
+import os, time
+
+def handler(event, context):
+    time.sleep(event.get("seconds", 0))
+    return {"agent": os.getppid()}
+"""
+
+
+def test_agents_forked_by_the_fork_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAMBDALET_AGENT_FORK_SERVER", "1")
+    write_function(tmp_path, "forked", {"app.py": PROBE}, environment={"variables": {"GREETING": "forked"}})
+    write_function(tmp_path, "wide", {"app.py": SLEEPER}, timeoutSeconds=30)
+    with running_gateway([tmp_path], tmp_path) as gateway:
+        result, log = invoke(gateway, "forked")
+        assert result["greeting"] == "forked"
+        assert result["cwd"] == result["task_root"]
+        assert result["from_standby"] is True  # the agent is a fork of the fork server
+        assert "Init Duration" in log
+
+        # concurrent invocations get environments of their own
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda _: gateway.invoke("wide", {"seconds": 1.0}), range(3)))
+        assert [status for status, _, _ in replies] == [200, 200, 200]
+        agents = {json.loads(body)["agent"] for _, _, body in replies}
+        assert len(agents) == 3
+        assert gateway.environments("wide")["idle"] == 3
+
+        # an agent that dies is noticed (its exit comes from the fork server) and replaced on demand
+        victim = agents.pop()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: gateway.environments("wide")["idle"] == 2, what="the dead environment to be dropped")
+        status, _, _ = gateway.invoke("wide", {"seconds": 0})
+        assert status == 200
+    assert processes_in(tmp_path) == set()
+    assert idle_standbys() == set()
