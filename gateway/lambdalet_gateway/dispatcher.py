@@ -320,13 +320,12 @@ class Dispatcher:
             headers["X-Amz-Log-Type"] = "Tail"
         if trace_id:
             headers["X-Amzn-Trace-Id"] = trace_id
-        # Without an open connection the client connects first: if that fails, nothing was written.
-        fresh = env.connection is None or not env.connection.open
         try:
             async with asyncio.timeout(pool.timeout):
                 response = await env.connect().post(_INVOKE_PATH, headers, payload)
         except (OSError, AgentConnectionError, TimeoutError) as exc:
-            if fresh and not isinstance(exc, AgentConnectionError | TimeoutError):
+            if not isinstance(exc, AgentConnectionError | TimeoutError):
+                # The client raises a plain OSError only when connecting failed: nothing was sent.
                 raise NotDelivered(f"the execution environment refused the connection: {exc!r}") from exc
             raise ServiceError(f"the execution environment failed: {exc!r}") from exc
         status = response.status
