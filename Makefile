@@ -15,7 +15,7 @@ export PATH := $(VENV)/bin:$(PATH)
 export LAMBDALET_CACHE := $(CACHE)
 export K8S_VERSION
 
-APT_PACKAGES := wrk nats-server ruby
+APT_PACKAGES := wrk nats-server ruby autoconf automake libtool cmake g++ make unzip
 QUICK ?=
 
 .PHONY: help up test bench deps apt-deps k8s-bins kube-tools lint test-unit test-integration test-cluster cluster-up cluster-down clean
