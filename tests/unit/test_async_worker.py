@@ -321,3 +321,21 @@ async def test_events_of_an_unknown_function_wait_then_drop_past_the_maximum_age
     assert value(registry, "lambdalet_async_events_received_total", function="orders") == 2
     assert value(registry, "lambdalet_async_events_retried_total", function="orders", reason="function_not_found") >= 2
     assert await queue.depth() == {}
+
+
+async def test_graceful_stop_lets_deliveries_in_flight_finish_and_settle(queue: SqliteQueue) -> None:
+    started = asyncio.Event()
+
+    async def slow(request_id: str, payload: bytes, attempt: int) -> InvokeResult:
+        started.set()
+        await asyncio.sleep(0.2)
+        return InvokeResult(200, b"{}")
+
+    registry = CollectorRegistry()
+    worker = await running(queue, FakeInvoker({"orders": slow}), [FunctionSettings(name="orders", arn="a")], registry)
+    await worker.accept("orders", b"{}")
+    await asyncio.wait_for(started.wait(), 10)
+    await worker.stop(grace=5.0)
+    # settled before the stop returned: nothing left to run again after a restart
+    assert await queue.depth() == {}
+    assert value(registry, "lambdalet_async_events_delivered_total", function="orders") == 1

@@ -76,7 +76,10 @@ class Worker:
     async def accept(self, function: str, payload: bytes, request_id: str | None = None) -> str:
         """Store an event durably and return its request id; raises ``QueueUnavailable`` if not stored."""
         request_id = request_id or str(uuid.uuid4())
-        await self.queue.put(Event(request_id=request_id, function=function, payload=payload, received_at=self.clock()))
+        now = self.clock()
+        await self.queue.put(
+            Event(request_id=request_id, function=function, payload=payload, received_at=now, not_before=now)
+        )
         self.metrics.received.labels(function).inc()
         return request_id
 
@@ -86,15 +89,23 @@ class Worker:
         self._loop_task = asyncio.create_task(self._run(), name="asyncq-worker")
         self._depth_task = asyncio.create_task(self._report_depth(), name="asyncq-depth")
 
-    async def stop(self) -> None:
-        """Stop leasing and cancel deliveries in flight; their leases are reclaimed by the next start."""
-        for task in (self._loop_task, self._depth_task, *self._tasks):
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop leasing, give deliveries in flight ``grace`` seconds to finish and settle, then cancel the
+        rest (their leases are reclaimed by the next start, so those events run again)."""
+        for task in (self._loop_task, self._depth_task):
             if task is not None:
                 task.cancel()
-        for task in (self._loop_task, self._depth_task, *self._tasks):
+        for task in (self._loop_task, self._depth_task):
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         held, self._held = self._held, deque()
         for delivery in held:
             with contextlib.suppress(QueueUnavailable):
