@@ -153,8 +153,10 @@ async def _discard(proc: asyncio.subprocess.Process) -> None:
 
 #: The fork server: import the agent once, then fork one agent per order (see :class:`ForkServer`).
 FORK_SERVER_PROGRAM = """\
-import json, os, selectors, signal, socket, sys, traceback
+import gc, json, os, selectors, signal, socket, sys, traceback
 from lambdalet_agent import cli
+# what is imported now stays shared with every forked agent: keep the collector from touching (copying) it
+gc.freeze()
 control = socket.socket(fileno=int(sys.argv[1]))
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
