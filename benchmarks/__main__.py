@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import chart, cold, machine, memory, procs, report, scale, summary, targets, warm, wrk
+from benchmarks import chart, cold, machine, memory, procs, report, scale, stats, summary, targets, warm, wrk
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -73,25 +73,41 @@ def gateway_documents(plan: Plan, workdir: Path) -> tuple[list[str], list[str], 
     return docs, names, marks
 
 
-def gateway_scale(plan: Plan, workdir: Path) -> dict[str, Any]:
-    """Throttling and the burst from zero, on a fresh gateway (default settings)."""
-    running = workdir / "capped.running"
+FORK_SERVER = {"LAMBDALET_AGENT_FORK_SERVER": "1"}
+
+
+def gateway_scale(
+    plan: Plan, workdir: Path, suffix: str = "", extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Throttling and the burst from zero, on a fresh gateway (``extra_env`` selects a configuration)."""
+    running = workdir / f"capped{suffix}.running"
     capped = targets.manifest(
         "capped", env={"BENCH_RUNNING": str(running), "BENCH_SLEEP_S": "0.02"}, reserved=plan.throttle_cap
     )
-    gateway = targets.start_gateway(workdir, [targets.manifest("burst"), capped], tag="gateway-scale")
+    docs = [targets.manifest("burst"), capped]
+    gateway = targets.start_gateway(workdir, docs, tag=f"gateway-scale{suffix}", extra_env=extra_env)
     out: dict[str, Any] = {}
     try:
-        out["throttle"] = scale.throttle(
-            gateway.addresses[0], "capped", plan.throttle_cap, running, plan.throttle_seconds
-        )
-        log(f"throttle {out['throttle']}")
+        throttle = scale.throttle(gateway.addresses[0], "capped", plan.throttle_cap, running, plan.throttle_seconds)
+        out[f"throttle{suffix}"] = throttle
+        log(f"throttle{suffix} {throttle}")
         needed_mb = plan.burst * 45  # an agent and its bootstrap, PSS
         if machine.mem_available_mb() < needed_mb * 1.3:
             raise RuntimeError(f"not enough free memory for {plan.burst} environments ({needed_mb} MB)")
-        out["gateway_burst"] = scale.gateway_burst(gateway.addresses[0], "burst", plan.burst)
-        out["gateway_burst"]["environments"] = targets.gateway_environments(gateway.addresses[0], "burst")
-        log(f"burst gateway {out['gateway_burst']}")
+        burst = scale.gateway_burst(gateway.addresses[0], "burst", plan.burst)
+        burst["environments"] = targets.gateway_environments(gateway.addresses[0], "burst")
+        out[f"gateway_burst{suffix}"] = burst
+        log(f"burst gateway{suffix} {burst}")
+        if extra_env == FORK_SERVER:
+            # forked agents share the pages of the code the fork server imported: PSS of each idle one
+            agents = [pid for child in procs.children(gateway.processes[0].pid) for pid in procs.children(child)]
+            trees = [procs.tree_memory(pid) for pid in agents]
+            if trees:
+                out["fork_server_env"] = {
+                    "environments": len(trees),
+                    "rss_mb": round(stats.median([t["rss_bytes"] for t in trees]) / memory.MIB, 1),
+                    "pss_mb": round(stats.median([t["pss_bytes"] for t in trees]) / memory.MIB, 1),
+                }
     finally:
         gateway.stop()
     return out
@@ -174,6 +190,12 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
             started_targets.remove(gateway)
         with r.section("scale (gateway)"):
             res.setdefault("scale", {}).update(gateway_scale(plan, workdir))
+        with r.section("scale (gateway, fork server)"):
+            found = gateway_scale(plan, workdir, "_fork_server", FORK_SERVER)
+            fork_env = found.pop("fork_server_env", None)
+            res.setdefault("scale", {}).update(found)
+            if fork_env is not None:
+                res.setdefault("memory", {})["fork_server_env"] = fork_env
         with r.section("burst (emulator)"):
             needed_mb = plan.burst * 30  # an emulator and awslambdaric, RSS
             if machine.mem_available_mb() < needed_mb * 1.3:
@@ -216,24 +238,29 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def gateway_cold(gateway: targets.Target, workdir: Path, names: list[str], marks: list[Path]) -> dict[str, Any]:
-    """First invocations through the default gateway and through one keeping a standby agent, alternating."""
-    standby_marks = [workdir / f"cold-standby-{i:02d}.marks" for i in range(len(names))]
-    docs = [targets.manifest(n, env={"BENCH_MARKS": str(m)}) for n, m in zip(names, standby_marks, strict=True)]
-    standby = targets.start_gateway(workdir, docs, tag="gateway-standby", extra_env={"LAMBDALET_STANDBY_AGENTS": "1"})
+    """First invocations through the default gateway, one keeping a standby agent and one forking agents
+    from its fork server, alternating trial by trial."""
+    configs = {"gateway_standby": {"LAMBDALET_STANDBY_AGENTS": "1"}, "gateway_fork_server": FORK_SERVER}
+    others: dict[str, tuple[targets.Target, list[Path]]] = {}
     try:
-        time.sleep(2)  # the standby agent's imports
-        plain_trials: list[dict[str, float]] = []
-        standby_trials: list[dict[str, float]] = []
+        for key, env in configs.items():
+            key_marks = [workdir / f"cold-{key}-{i:02d}.marks" for i in range(len(names))]
+            docs = [targets.manifest(n, env={"BENCH_MARKS": str(m)}) for n, m in zip(names, key_marks, strict=True)]
+            others[key] = (targets.start_gateway(workdir, docs, tag=key, extra_env=env), key_marks)
+        time.sleep(2)  # the standby agent's and the fork server's imports
+        trials: dict[str, list[dict[str, float]]] = {"gateway": [], **{key: [] for key in others}}
         for i, name in enumerate(names):
-            plain_trials += cold.gateway_trials(gateway.addresses[0], [name], [marks[i]])
-            time.sleep(0.3)  # the standby's replacement starts 0.15 s after a take
-            standby_trials += cold.gateway_trials(standby.addresses[0], [name], [standby_marks[i]])
-            time.sleep(0.3)
+            trials["gateway"] += cold.gateway_trials(gateway.addresses[0], [name], [marks[i]])
+            for key, (target, key_marks) in others.items():
+                time.sleep(0.25)  # a standby's replacement starts 0.15 s after a take
+                trials[key] += cold.gateway_trials(target.addresses[0], [name], [key_marks[i]])
+            time.sleep(0.25)
     finally:
-        standby.stop()
-    out = {"gateway": cold.summarize_trials(plain_trials), "gateway_standby": cold.summarize_trials(standby_trials)}
-    log(f"cold gateway  p50 {out['gateway']['total']['p50']:7.1f} ms")
-    log(f"cold gateway with a standby agent p50 {out['gateway_standby']['total']['p50']:7.1f} ms")
+        for target, _ in others.values():
+            target.stop()
+    out = {key: cold.summarize_trials(values) for key, values in trials.items()}
+    for key, value in out.items():
+        log(f"cold {key:<22} p50 {value['total']['p50']:7.1f} ms")
     return out
 
 

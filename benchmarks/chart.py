@@ -18,6 +18,7 @@ SHORT = {
     "floor_aiohttp": "(d) aiohttp floor",
     "floor_raw": "(d) raw asyncio",
     "gateway_standby": "(a) standby agent",
+    "gateway_fork_server": "(a) fork server",
 }
 COLORS = {
     "gateway": "#1f77b4",
@@ -71,7 +72,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
 
     ax = axes[2]
     cold = results.get("cold", {})
-    kinds = [(k, SHORT[k]) for k in ("gateway", "gateway_standby", "agent", "rie") if k in cold]
+    kinds = [(k, SHORT[k]) for k in ("gateway", "gateway_standby", "gateway_fork_server", "agent", "rie") if k in cold]
     for x, (kind, _) in enumerate(kinds):
         bottom = 0.0
         data = cold[kind]

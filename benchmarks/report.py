@@ -80,6 +80,7 @@ def cold_table(results: dict[str, Any]) -> str:
     labels = {
         "gateway": "(a) `lambdalet up`: first invocation of a function with 0 environments",
         "gateway_standby": "(a) the same with `LAMBDALET_STANDBY_AGENTS=1` (a pre-started agent)",
+        "gateway_fork_server": "(a) the same with `LAMBDALET_AGENT_FORK_SERVER=1` (agents forked)",
         "agent": "(b) agent process started → first invocation",
         "rie": "(c) emulator process started → first invocation",
     }
@@ -126,8 +127,9 @@ def scale_table(results: dict[str, Any]) -> str:
     rows = []
     burst_rie = scale.get("rie_burst", {}).get("total_ms")
     for key, label in (
-        ("gateway_burst", "(a) 200 at once to one function with 0 environments"),
-        ("rie_burst", "(c) 200 emulator processes started at once, one invocation each"),
+        ("gateway_burst", "(a) at once to one function with 0 environments"),
+        ("gateway_burst_fork_server", "(a) the same with `LAMBDALET_AGENT_FORK_SERVER=1`"),
+        ("rie_burst", "(c) as many emulator processes started at once, one invocation each"),
     ):
         data = scale.get(key)
         if data:
@@ -140,22 +142,25 @@ def scale_table(results: dict[str, Any]) -> str:
                     ", ".join(f"{k}: {v}" for k, v in sorted(data["statuses"].items())),
                 ]
             )
-    text = table(["burst", "last answer ms", f"{TIMES} emulator", "p50 ms", "statuses"], rows)
-    throttle = scale.get("throttle")
-    if throttle:
-        text += "\n\n" + table(
-            ["throttling (reservedConcurrency)", "clients", "invocations run", "max running", "above cap", "statuses"],
-            [
+    burst_n = next((data["invocations"] for data in scale.values() if "invocations" in data), "?")
+    text = table([f"burst of {burst_n}", "last answer ms", f"{TIMES} emulator", "p50 ms", "statuses"], rows)
+    throttle_rows = []
+    for key, label in (("throttle", "default"), ("throttle_fork_server", "fork server")):
+        throttle = scale.get(key)
+        if throttle:
+            throttle_rows.append(
                 [
-                    f"cap {throttle['cap']}, {throttle['seconds']:g} s",
+                    f"{label}: cap {throttle['cap']}, {throttle['seconds']:g} s",
                     str(throttle["clients"]),
                     _num(throttle["invocations_run"]),
                     str(throttle["max_running"]),
                     str(throttle["invocations_above_cap"]),
                     ", ".join(f"{k}: {v}" for k, v in sorted(throttle["statuses"].items())),
                 ]
-            ],
-        )
+            )
+    if throttle_rows:
+        header = ["throttling (reservedConcurrency)", "clients", "invocations run", "max running", "above cap"]
+        text += "\n\n" + table([*header, "statuses"], throttle_rows)
     return text
 
 
@@ -173,6 +178,7 @@ def memory_table(results: dict[str, Any]) -> str:
     for key, label in (
         ("agent_env", "idle environment: agent + bootstrap"),
         ("gateway_env", "idle environment under the gateway"),
+        ("fork_server_env", "idle environment forked by the fork server"),
         ("rie_env", "idle environment: emulator + awslambdaric"),
     ):
         data = memory.get(key)
@@ -199,6 +205,7 @@ def goals_table(results: dict[str, Any]) -> str:
         "gateway_rps_vs_emulator_c8": "gateway throughput ÷ emulator throughput at c=8",
         "cold_p50_ms_embedded": "cold start p50, embedded mode, default settings (ms)",
         "cold_p50_ms_embedded_standby": "cold start p50, embedded mode, LAMBDALET_STANDBY_AGENTS=1 (ms)",
+        "cold_p50_ms_embedded_fork_server": "cold start p50, embedded mode, LAMBDALET_AGENT_FORK_SERVER=1 (ms)",
         "invocations_above_cap": "invocations above a concurrency cap",
     }
     rows = []

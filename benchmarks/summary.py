@@ -12,6 +12,7 @@ GOALS = {
     "gateway_rps_vs_emulator_c8": 1.0,
     "cold_p50_ms_embedded": 50.0,
     "cold_p50_ms_embedded_standby": 50.0,
+    "cold_p50_ms_embedded_fork_server": 50.0,
     "invocations_above_cap": 0,
 }
 
@@ -83,13 +84,22 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
     out["cold_p50_vs_emulator_gateway_standby"] = ratio(cold_standby, cold_rie)
     out["cold_p50_ms_embedded"] = cold_gateway if cold_gateway is not None else cold_agent
     out["cold_p50_ms_embedded_standby"] = cold_standby
+    cold_fork = _path(results, "cold", "gateway_fork_server", "total", "p50")
+    out["cold_p50_ms_gateway_fork_server"] = cold_fork
+    out["cold_p50_vs_emulator_gateway_fork_server"] = ratio(cold_fork, cold_rie)
+    out["cold_p50_ms_embedded_fork_server"] = cold_fork
 
     burst_gateway = _path(results, "scale", "gateway_burst", "total_ms")
     burst_rie = _path(results, "scale", "rie_burst", "total_ms")
     out["burst_200_ms_gateway"] = burst_gateway
     out["burst_200_ms_emulator"] = burst_rie
     out["burst_200_vs_emulator"] = ratio(burst_gateway, burst_rie)
-    out["invocations_above_cap"] = _path(results, "scale", "throttle", "invocations_above_cap")
+    burst_fork = _path(results, "scale", "gateway_burst_fork_server", "total_ms")
+    out["burst_200_ms_gateway_fork_server"] = burst_fork
+    out["burst_200_vs_emulator_fork_server"] = ratio(burst_fork, burst_rie)
+    above = [_path(results, "scale", key, "invocations_above_cap") for key in ("throttle", "throttle_fork_server")]
+    measured = [value for value in above if value is not None]
+    out["invocations_above_cap"] = max(measured) if measured else None
 
     out["gateway_rss_mb_1000_functions"] = _path(results, "memory", "gateway_1000", "rss_mb")
     out["gateway_kb_per_function"] = _path(results, "memory", "gateway_kb_per_function")
@@ -97,6 +107,9 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
     rie_pss = _path(results, "memory", "rie_env", "pss_mb")
     out["environment_pss_mb"] = env_pss
     out["environment_pss_vs_emulator"] = ratio(env_pss, rie_pss)
+    fork_pss = _path(results, "memory", "fork_server_env", "pss_mb")
+    out["environment_pss_mb_fork_server"] = fork_pss
+    out["environment_pss_vs_emulator_fork_server"] = ratio(fork_pss, rie_pss)
     out["goals"] = goals(out)
     return out
 
