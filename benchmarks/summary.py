@@ -64,6 +64,9 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
             out[f"{name}_rps_vs_floor_aiohttp_c{c}"] = ratio(_get(row, "rps"), _get(floor, "rps"))
         if rie is not None:
             out[f"emulator_rps_vs_floor_aiohttp_c{c}"] = ratio(_get(rie, "rps"), _get(floor, "rps"))
+    gateway1 = warm_row(results, "gateway", 1)
+    out["overhead_p50_ms_c1"] = overhead(gateway1, "p50")
+    out["overhead_p99_ms_c1"] = overhead(gateway1, "p99")
     gateway8 = warm_row(results, "gateway", 8)
     agent8 = warm_row(results, "agent", 8)
     out["overhead_p50_ms_c8"] = overhead(gateway8, "p50")
