@@ -13,6 +13,7 @@ from aiohttp import web
 
 from lambdalet_agent import runtimes
 from lambdalet_agent.environment import Environment
+from lambdalet_agent.external import ObservingLimiter
 from lambdalet_agent.memory import MemoryLimiter, create_limiter
 from lambdalet_agent.metrics import Metrics
 from lambdalet_agent.server import create_invoke_app, create_runtime_api_app
@@ -55,7 +56,9 @@ class Agent:
             assert settings.runtime is not None
             return runtimes.resolve(settings.runtime, settings.code_dir, environ)
 
-        self.limiter = limiter if limiter is not None else create_limiter(settings.memory_mb)
+        if limiter is None:
+            limiter = ObservingLimiter() if settings.external_runtime else create_limiter(settings.memory_mb)
+        self.limiter = limiter
         self.env = Environment(
             settings,
             command,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from lambdalet_agent import report
+from lambdalet_agent.external import Endpoint, ExternalRuntime, find_peer_process
 from lambdalet_agent.memory import MemoryLimiter
 from lambdalet_agent.metrics import Metrics
 from lambdalet_agent.process import RuntimeProcess
@@ -28,6 +29,8 @@ from lambdalet_agent.settings import Settings
 from lambdalet_agent.state import Phase, RuntimeState
 
 log = logging.getLogger("lambdalet.agent")
+
+Runtime = RuntimeProcess | ExternalRuntime
 
 JSON = "application/json"
 RESPONSE_LIMIT = 6 * 1024 * 1024 + 100  # 6,291,556 bytes, the Runtime API's limit
@@ -129,8 +132,11 @@ class Environment:
         self._base_env = base_env
         self.runtime_api_address = ""
         self.state = RuntimeState()
-        self.process: RuntimeProcess | None = None
-        self._processes: set[RuntimeProcess] = set()  # every process not yet closed (old ones included)
+        self.process: Runtime | None = None
+        self._processes: set[Runtime] = set()  # every process not yet closed (old ones included)
+        # External runtime mode (lambdalet_agent.external): the runtime is another container's process.
+        self.external = settings.external_runtime
+        self._exited_idle = False  # the external runtime died between invocations: tell the next caller
         self._generation = 0
         self._init_started = 0.0
         self._init_timer: asyncio.TimerHandle | None = None
@@ -176,6 +182,12 @@ class Environment:
         return env
 
     async def start(self) -> None:
+        if self.external:
+            # Nothing to start: init runs from now until the runtime's first /next.
+            self._generation += 1
+            self.state.restart()
+            self._init_started = time.monotonic()
+            return
         await self._spawn()
 
     async def _spawn(self) -> None:
@@ -258,11 +270,14 @@ class Environment:
             old.kill()
         self.limiter.kill_all()
         self._report_init = True
+        if self.external:
+            # The kubelet restarts the killed container; init runs until the new runtime's first /next.
+            self._init_started = time.monotonic()
         if not self._closing:
             previous = self._respawn_task
             self._respawn_task = asyncio.get_running_loop().create_task(self._respawn(old, previous))
 
-    async def _respawn(self, old: RuntimeProcess | None, previous: asyncio.Task[None] | None) -> None:
+    async def _respawn(self, old: Runtime | None, previous: asyncio.Task[None] | None) -> None:
         if previous is not None and not previous.done():
             await previous  # resets are serialised: one runtime at a time
         if old is None and self.process is not None:
@@ -272,7 +287,8 @@ class Environment:
             old.close()
             self._processes.discard(old)
         if not self._closing:
-            await self._spawn()
+            if not self.external:
+                await self._spawn()
             self._advance()
 
     # ----------------------------------------------------------------------------------- logs
@@ -309,8 +325,12 @@ class Environment:
         if event.want_tail:
             inv.tail = report.LogTail()
         self.current = inv
-        if self.state.phase is not Phase.STARTED:
+        if self._exited_idle:
+            self._answer_idle_exit(inv)
+            return inv
+        if self.state.phase is not Phase.STARTED or self.external:
             # Init is over: the function timeout runs from now, even if the runtime is slow to call /next.
+            # (An external runtime has no init timeout of its own: waiting for it counts against this one.)
             self._arm_timer(inv, loop)
         self._advance()
         return inv
@@ -368,6 +388,17 @@ class Environment:
         inv.reset = True
         self._complete(inv, outcome)
         self._reset("init_error")
+
+    def _answer_idle_exit(self, inv: Invocation) -> None:
+        """The external runtime exited while idle: this invocation reports it (no second reset)."""
+        self._exited_idle = False
+        request_id = inv.event.request_id
+        inv.delivered_at = asyncio.get_running_loop().time()
+        inv.reset = True
+        self._emit_platform(report.start_line(request_id, self.settings.function_version), inv)
+        message = report.exit_error(request_id, None)
+        self._emit_platform(message, inv)
+        self._complete(inv, Outcome(error_json("Runtime.ExitError", message), JSON, "Runtime.ExitError"), peak=0)
 
     def _complete(self, inv: Invocation, outcome: Outcome, *, peak: int | None = None) -> None:
         """Write END and REPORT, set the caller's result (buffered outcomes) and finish."""
@@ -450,7 +481,13 @@ class Environment:
         if generation != self._generation or self._closing:
             return
         phase = self.state.phase
-        if phase is Phase.STARTED:
+        if self.external and phase is Phase.INIT_ERROR:
+            # The client exits after posting its init error; the next invocation reports the error and
+            # resets, and meanwhile the restarted container may call /next.
+            self.process = None
+            self.state.restart()
+            self._advance()
+        elif phase is Phase.STARTED:
             self._fail_init(InitFailure("exit", returncode=returncode))
         elif phase is Phase.INIT_ERROR:
             self._advance()
@@ -469,12 +506,16 @@ class Environment:
             self._reset("exit")
         else:
             # Died while idle (or between /response and /next): start a fresh one.
+            self._exited_idle = self.external
             self._reset("exit")
 
     # ----------------------------------------------------------------------------------- runtime side
 
-    async def next_event(self) -> Invocation:
-        """``GET /next``: raises :class:`~lambdalet_agent.state.InvalidStateTransition` when not allowed."""
+    async def next_event(self, ends: tuple[Endpoint, Endpoint] | None = None) -> Invocation:
+        """``GET /next``: raises :class:`~lambdalet_agent.state.InvalidStateTransition` when not allowed.
+
+        ``ends`` (external runtime mode): the (runtime, agent) ends of the connection, to find the runtime's
+        process."""
         first = self.state.next()
         loop = asyncio.get_running_loop()
         if first:
@@ -482,10 +523,39 @@ class Environment:
             if self._init_timer is not None:
                 self._init_timer.cancel()
                 self._init_timer = None
+            if ends is not None and self.process is None:
+                # Before the first event is handed out, so that a runtime dying at once is still watched.
+                # readyz says ready (the phase is Ready); nothing is delivered until the waiter exists.
+                generation = self._generation
+                await self._identify(generation, *ends)
+                if generation != self._generation or self._closing:
+                    raise RuntimeGone()
         waiter: asyncio.Future[Invocation] = loop.create_future()
         self._waiter = waiter
         self._advance()
         return await waiter
+
+    async def _identify(self, generation: int, runtime_end: Endpoint, agent_end: Endpoint) -> None:
+        """Find and watch the external runtime's process (see lambdalet_agent.external)."""
+        pid = await asyncio.to_thread(find_peer_process, runtime_end, agent_end)
+        if generation != self._generation or self._closing or self.process is not None:
+            return
+        if pid is None:
+            log.warning(
+                "external runtime at %s:%d: its process is not visible (shareProcessNamespace, same user?); "
+                "a reset cannot restart it",
+                runtime_end.host,
+                runtime_end.port,
+            )
+            return
+        runtime = ExternalRuntime.adopt(pid, lambda code: self._on_exit(generation, code))
+        if runtime is None:
+            self._on_exit(generation, None)
+            return
+        self.process = runtime
+        self._processes.add(runtime)
+        self.limiter.attach(pid)
+        log.info("external runtime: pid %d (session %d)", pid, runtime.session)
 
     def begin_result(self, request_id: str, *, error: bool) -> Invocation:
         """Validate a ``/response`` or ``/error`` before its body is read (raises RuntimeApiError)."""

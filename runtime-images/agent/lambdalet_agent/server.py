@@ -32,6 +32,7 @@ from lambdalet_agent.environment import (
     RuntimeGone,
     error_json,
 )
+from lambdalet_agent.external import Endpoint
 from lambdalet_agent.report import billed_ms
 from lambdalet_agent.state import RuntimeApiError
 
@@ -95,10 +96,21 @@ def _error_type_of(body: bytes, header: str | None) -> str:
 # ------------------------------------------------------------------------------------ Runtime API
 
 
+def _connection_ends(request: web.Request) -> tuple[Endpoint, Endpoint] | None:
+    """(runtime end, agent end) of a Runtime API connection."""
+    transport = request.transport
+    if transport is None:
+        return None
+    peer, own = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+    if not isinstance(peer, tuple) or not isinstance(own, tuple):
+        return None
+    return Endpoint(str(peer[0]), int(peer[1])), Endpoint(str(own[0]), int(own[1]))
+
+
 async def runtime_next(request: web.Request) -> web.StreamResponse:
     env = request.app[ENV]
     try:
-        inv = await env.next_event()
+        inv = await env.next_event(_connection_ends(request) if env.external else None)
     except RuntimeApiError as exc:
         return _api_error(exc)
     except RuntimeGone:

@@ -14,6 +14,7 @@ from pathlib import Path
 DEFAULT_RUNTIME = "python3.12"
 INIT_TIMEOUT_S = 10.0
 MAX_MEMORY_MB = 10240
+TRUE_WORDS = ("1", "true", "yes")
 
 
 class SettingsError(ValueError):
@@ -40,6 +41,8 @@ class Settings:
     account_id: str = "012345678912"
     user_env: Mapping[str, str] = field(default_factory=dict)
     init_timeout_s: float = INIT_TIMEOUT_S
+    # No bootstrap of its own: another container's Runtime API client is the runtime (code.image).
+    external_runtime: bool = False
 
     @property
     def function_arn(self) -> str:
@@ -68,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--function-name", metavar="N", help="env AWS_LAMBDA_FUNCTION_NAME")
     p.add_argument("--function-version", metavar="V", help="env AWS_LAMBDA_FUNCTION_VERSION")
     p.add_argument("--initialization-type", metavar="T", help="env AWS_LAMBDA_INITIALIZATION_TYPE")
+    p.add_argument(
+        "--external-runtime",
+        action="store_true",
+        default=None,
+        help="start no bootstrap: serve the Runtime API for a runtime started elsewhere (another container "
+        "of the pod, sharing its process namespace) and reset it by killing its session "
+        "(env LAMBDALET_EXTERNAL_RUNTIME=1)",
+    )
     p.add_argument("--env", metavar="K=V", action="append", default=[], help="user variable (repeatable)")
     return p
 
@@ -105,12 +116,15 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         return environ.get(env) or default
 
     handler = pick(ns.handler, "_HANDLER", "")
+    external = bool(ns.external_runtime) or environ.get("LAMBDALET_EXTERNAL_RUNTIME", "").lower() in TRUE_WORDS
+    if external and command:
+        raise SettingsError("--external-runtime (LAMBDALET_EXTERNAL_RUNTIME) starts no bootstrap: drop '-- COMMAND'")
     if not handler and len(command) >= 2:
         handler = command[-1]  # as AWS's emulator does: the last argument of the command is the handler
     runtime: str | None = ns.runtime or environ.get("LAMBDALET_RUNTIME") or None
-    if runtime is None and not command:
+    if runtime is None and not command and not external:
         runtime = DEFAULT_RUNTIME
-    if not command and not handler and not (runtime or "").startswith("provided"):
+    if not command and not external and not handler and not (runtime or "").startswith("provided"):
         raise SettingsError("--handler (or _HANDLER) is required unless a command follows '--'")
 
     port = int(_number(pick(ns.port, "LAMBDALET_AGENT_PORT", "9000"), "--port/LAMBDALET_AGENT_PORT", int))
@@ -148,4 +162,5 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         initialization_type=pick(ns.initialization_type, "AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand"),
         region=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         user_env=user_env,
+        external_runtime=external,
     )
