@@ -292,6 +292,7 @@ def main() -> int:
         report.update_readme(HERE / "README.md", results)
         log("updated benchmarks/README.md")
     print(report.render(results))
+    print(report.headline(results))
     return 1 if errors else 0
 
 

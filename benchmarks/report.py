@@ -258,3 +258,53 @@ def splice(document: str, generated: str) -> str:
 
 def update_readme(path: Path, results: dict[str, Any]) -> None:
     path.write_text(splice(path.read_text() if path.exists() else "", render(results)))
+
+
+def headline(results: dict[str, Any]) -> str:
+    """The few lines the top-level README quotes (Markdown bullets)."""
+    s = results.get("summary", {})
+    meta = results.get("meta", {})
+
+    def row(target: str, c: int) -> dict[str, Any]:
+        return warm_row(results, target, c) or {}
+
+    def ms(value: Any, digits: int = 1) -> str:
+        return "—" if value is None else f"{float(value):.{digits}f} ms"
+
+    lines = [f"`{meta.get('command', 'make bench')}`, {meta.get('started', '?')}, {meta.get('machine', '?')}."]
+    for c in (1, 8, 64):
+        a, b, rie = row("gateway", c), row("agent", c), row("rie", c)
+        if not a and not b:
+            continue
+        lines.append(
+            f"- Warm no-op, concurrency {c}: gateway (a) {_num(a.get('rps'), 0)} req/s, p50 {ms(a.get('p50_ms'), 2)} "
+            f"({_x(s.get(f'gateway_rps_vs_emulator_c{c}'))} the emulator's throughput); agent (b) "
+            f"{_num(b.get('rps'), 0)} req/s, p50 {ms(b.get('p50_ms'), 2)} "
+            f"({_x(s.get(f'agent_rps_vs_emulator_c{c}'))}); "
+            f"emulator (c) {_num(rie.get('rps'), 0)} req/s, p50 {ms(rie.get('p50_ms'), 2)}."
+        )
+    lines.append(
+        f"- Platform overhead (gateway path minus the bootstrap's own time): p50 {ms(s.get('overhead_p50_ms_c1'), 2)} /"
+        f" p99 {ms(s.get('overhead_p99_ms_c1'), 2)} at concurrency 1, p50 {ms(s.get('overhead_p50_ms_c8'), 2)} /"
+        f" p99 {ms(s.get('overhead_p99_ms_c8'), 2)} at concurrency 8."
+    )
+    lines.append(
+        f"- Cold start p50 through `lambdalet up`: {ms(s.get('cold_p50_ms_gateway'))} by default, "
+        f"{ms(s.get('cold_p50_ms_gateway_standby'))} with `LAMBDALET_STANDBY_AGENTS=1`, "
+        f"{ms(s.get('cold_p50_ms_gateway_fork_server'))} with `LAMBDALET_AGENT_FORK_SERVER=1`; "
+        f"the emulator {ms(s.get('cold_p50_ms_emulator'))}."
+    )
+    burst = results.get("scale", {}).get("gateway_burst", {})
+    lines.append(
+        f"- Burst of {burst.get('invocations', '?')} invocations from zero environments: "
+        f"{ms(s.get('burst_200_ms_gateway'), 0)} by default, {ms(s.get('burst_200_ms_gateway_fork_server'), 0)} "
+        f"with the fork server, {ms(s.get('burst_200_ms_emulator'), 0)} for as many emulator processes."
+    )
+    lines.append(f"- Invocations running above a concurrency cap under 2x overload: {s.get('invocations_above_cap')}.")
+    lines.append(
+        f"- Memory: gateway RSS {_num(s.get('gateway_rss_mb_1000_functions'), 1)} MB with 1,000 functions "
+        f"({_num(s.get('gateway_kb_per_function'), 1)} KB each); an idle environment PSS "
+        f"{_num(s.get('environment_pss_mb'), 1)} MB ({_x(s.get('environment_pss_vs_emulator'))} the emulator's), "
+        f"{_num(s.get('environment_pss_mb_fork_server'), 1)} MB when forked by the fork server."
+    )
+    return "\n".join(lines) + "\n"
