@@ -34,10 +34,12 @@ CODE_HASH_ANNOTATION: Final = "lambdalet.dev/code-sha256"
 MANAGED_BY: Final = "lambdalet-operator"
 AGENT_PORT: Final = 8080
 PORT_NAME: Final = "http"
-RUNTIME_API_ADDRESS: Final = "127.0.0.1:9001"
+#: ``code.image`` functions: the agent serves the Runtime API on the pod's IP (from the downward API, in
+#: this variable of both containers), not on loopback, so it also works where pods share a loopback.
+POD_IP_VARIABLE: Final = "LAMBDALET_POD_IP"
+RUNTIME_API_PORT: Final = 9001
+RUNTIME_API_ADDRESS: Final = f"$({POD_IP_VARIABLE}):{RUNTIME_API_PORT}"
 TASK_ROOT: Final = "/var/task"
-#: The agent sidecar's bootstrap for ``code.image`` functions, whose runtime is the user's container.
-EXTERNAL_RUNTIME_PLACEHOLDER: Final = ("python", "-c", "import signal; signal.pause()")
 #: Lambda's CPU share: one vCPU per 1769 MB of memory.
 MB_PER_VCPU: Final = 1769
 #: Extra time past the function timeout for a pod to finish its in-flight invocation when it is stopped.
@@ -295,6 +297,60 @@ def _code_volume(function: Function) -> Manifest | None:
     return None
 
 
+def _pod_ip_env() -> Manifest:
+    return {"name": POD_IP_VARIABLE, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
+def _image_containers(
+    function: Function, agent: Manifest, resources: Manifest, tmp_mount: Manifest, settings: Settings
+) -> tuple[Manifest, Manifest]:
+    """``code.image``: the user's image runs its own entrypoint (its Runtime API client, e.g. AWS's
+    ``/lambda-entrypoint.sh``, which runs the client directly when ``AWS_LAMBDA_RUNTIME_API`` is set)
+    pointed at the agent; the agent sidecar starts no bootstrap of its own (``--external-runtime``), takes
+    invocations on port 8080 and resets the runtime after a timeout or crash by killing its processes,
+    which it sees through the shared process namespace; the kubelet then restarts the container.
+
+    Both containers run as the same non-root user with every capability dropped: the agent must be allowed
+    to read the runtime's ``/proc/<pid>/fd`` (to find it) and to signal it, and Lambda itself runs images
+    as a non-root user on a read-only root filesystem, so images made for Lambda work under it."""
+    spec = function.spec
+    agent |= {
+        "image": settings.agent_image,
+        "args": ["--external-runtime", "--runtime-api-address", RUNTIME_API_ADDRESS],
+        "env": [
+            _pod_ip_env(),
+            *(e for e in _lambda_env(function) if e["name"] not in ("LAMBDA_TASK_ROOT", "LAMBDALET_RUNTIME")),
+        ],
+        "resources": {"requests": {"memory": "64Mi", "cpu": "50m"}, "limits": {"memory": "128Mi"}},
+        "volumeMounts": [tmp_mount],
+    }
+    runtime: Manifest = {
+        "name": "function",
+        "image": function.spec.code.image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": [
+            _pod_ip_env(),
+            {"name": "AWS_LAMBDA_RUNTIME_API", "value": RUNTIME_API_ADDRESS},
+            *([{"name": "_HANDLER", "value": spec.handler}] if spec.handler else []),
+            {"name": "AWS_LAMBDA_FUNCTION_NAME", "value": function.name},
+            {"name": "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "value": str(spec.memoryMB)},
+            {"name": "AWS_LAMBDA_FUNCTION_VERSION", "value": "$LATEST"},
+            {"name": "AWS_LAMBDA_LOG_GROUP_NAME", "value": f"/aws/lambda/{function.name}"},
+            {"name": "AWS_LAMBDA_LOG_STREAM_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "AWS_LAMBDA_INITIALIZATION_TYPE", "value": "on-demand"},
+            {"name": "LAMBDA_TASK_ROOT", "value": TASK_ROOT},
+            {"name": "TZ", "value": ":UTC"},
+        ],
+        "resources": resources,
+        "securityContext": _container_security_context(settings),
+        "volumeMounts": [tmp_mount],
+    }
+    if spec.handler:
+        # Lambda's ImageConfig.Command: replaces the image's CMD, which AWS base images read as the handler.
+        runtime["args"] = [spec.handler]
+    return agent, runtime
+
+
 def pod_template(function: Function, settings: Settings, code_hash: str) -> Manifest:
     spec = function.spec
     code = spec.code
@@ -343,35 +399,10 @@ def pod_template(function: Function, settings: Settings, code_hash: str) -> Mani
                 }
             )
     else:
-        # A user image brings its own Runtime API client (any AWS Lambda image): it runs its own
-        # entrypoint, pointed at the agent's Runtime API on the pod's loopback; the agent, in a sidecar,
-        # takes invocations on port 8080. The agent has no "external runtime" mode, so its own bootstrap
-        # is a placeholder that only waits (EXTERNAL_RUNTIME_PLACEHOLDER).
-        agent |= {
-            "image": settings.agent_image,
-            "args": ["--runtime-api-address", RUNTIME_API_ADDRESS, "--", *EXTERNAL_RUNTIME_PLACEHOLDER],
-            "env": [e for e in _lambda_env(function) if e["name"] != "LAMBDA_TASK_ROOT"],
-            "resources": {"requests": {"memory": "64Mi", "cpu": "50m"}, "limits": {"memory": "128Mi"}},
-            "volumeMounts": [tmp_mount],
-        }
-        runtime: Manifest = {
-            "name": "function",
-            "image": code.image,
-            "imagePullPolicy": "IfNotPresent",
-            "env": [
-                {"name": "AWS_LAMBDA_RUNTIME_API", "value": RUNTIME_API_ADDRESS},
-                {"name": "AWS_LAMBDA_FUNCTION_NAME", "value": function.name},
-                {"name": "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "value": str(spec.memoryMB)},
-                {"name": "AWS_LAMBDA_FUNCTION_VERSION", "value": "$LATEST"},
-                *([{"name": "_HANDLER", "value": spec.handler}] if spec.handler else []),
-                *user_env,
-            ],
-            "resources": resources,
-            "securityContext": _container_security_context(settings),
-            "volumeMounts": [tmp_mount],
-        }
+        agent, runtime = _image_containers(function, agent, resources, tmp_mount, settings)
         if env_from:
             runtime["envFrom"] = env_from
+        runtime["env"] += user_env
         containers = [agent, runtime]
     pod_spec: Manifest = {
         "serviceAccountName": service_account_name(function),
@@ -386,7 +417,7 @@ def pod_template(function: Function, settings: Settings, code_hash: str) -> Mani
     if init_containers:
         pod_spec["initContainers"] = init_containers
     if code.image is not None:
-        # The agent resets the runtime after a timeout or crash: it must see the runtime's processes.
+        # The agent finds the runtime's process and resets it after a timeout or crash: it must see it.
         pod_spec["shareProcessNamespace"] = True
     return {
         "metadata": {"labels": labels(function), "annotations": {CODE_HASH_ANNOTATION: code_hash}},

@@ -230,13 +230,28 @@ def test_a_user_image_runs_beside_the_agent_sidecar() -> None:
     agent, runtime = pod["containers"]
     assert pod["shareProcessNamespace"] is True
     assert agent["image"] == "ghcr.io/lambdalet/agent:0.1.0"
-    assert agent["args"][:2] == ["--runtime-api-address", "127.0.0.1:9001"]
+    # The agent starts no bootstrap: the user's container is the runtime, reached on the pod's IP.
+    assert agent["args"] == ["--external-runtime", "--runtime-api-address", "$(LAMBDALET_POD_IP):9001"]
+    pod_ip = {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert agent["env"][0] == runtime["env"][0] == {"name": "LAMBDALET_POD_IP", "valueFrom": pod_ip}
     assert agent["ports"][0]["name"] == "http"
     assert runtime["image"] == "public.ecr.aws/lambda/python:3.12"
     assert "command" not in runtime  # the image's own entrypoint (its Runtime API client)
-    assert env_of(runtime)["AWS_LAMBDA_RUNTIME_API"] == "127.0.0.1:9001"
-    assert env_of(runtime)["_HANDLER"] == "app.handler"
+    assert runtime["args"] == ["app.handler"]  # the handler replaces the image's CMD, as ImageConfig.Command
+    env = env_of(runtime)
+    assert env["AWS_LAMBDA_RUNTIME_API"] == "$(LAMBDALET_POD_IP):9001"
+    assert env["_HANDLER"] == "app.handler"
+    assert env["AWS_LAMBDA_FUNCTION_NAME"] == "hello" and env["LAMBDA_TASK_ROOT"] == "/var/task"
+    assert env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] == "128"
     assert manifests.configmap(fn, UID) is None
+    assert_restricted({"spec": pod})
+
+
+def test_a_user_image_without_a_handler_keeps_its_own_cmd() -> None:
+    fn = function(code={"image": "example.com/fn:1"}, runtime=None, handler=None)
+    pod = manifests.deployment(fn, UID, SETTINGS, manifests.code_sha256(fn))["spec"]["template"]["spec"]
+    _, runtime = pod["containers"]
+    assert "args" not in runtime and "_HANDLER" not in env_of(runtime)
 
 
 def test_url_code_is_fetched_and_checked_by_an_init_container() -> None:
