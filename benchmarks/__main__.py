@@ -121,7 +121,9 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
     r = Run()
     res = r.results
     res["meta"] = {
-        "command": "make bench QUICK=1" if quick else "make bench",
+        "command": (
+            "make bench QUICK=1 (python -m benchmarks --quick)" if quick else "make bench (python -m benchmarks)"
+        ),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "machine": machine.describe(),
         "versions": machine.versions(),
