@@ -116,6 +116,14 @@ IMAGES: dict[str, Image] = {
     ),
     # Test images for the cluster tests (tests/cluster/tools/images/, with a Dockerfile for real clusters).
     "lambdalet.test/http-echo": Image(("python", str(TOOLS / "images" / "http_echo.py")), env=_PY_ENV),
+    # As AWS's Python base image with AWS_LAMBDA_RUNTIME_API set: its Runtime Interface Client, CMD = handler.
+    "lambdalet.test/python-ric": Image(
+        ("python", "-m", "awslambdaric"),
+        cmd=("app.handler",),
+        env=(*_PY_ENV, ("LAMBDA_TASK_ROOT", "/var/task")),
+        workdir="/var/task",
+        files=((TOOLS / "images" / "python-ric", "/var/task"),),
+    ),
 }
 
 
