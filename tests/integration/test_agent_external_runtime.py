@@ -112,10 +112,10 @@ class Setup:
 
 
 @contextlib.asynccontextmanager
-async def external(tmp_path: Path, *, timeout_s: float = 2.0) -> AsyncIterator[Setup]:
+async def external(tmp_path: Path, *, timeout_s: float = 2.0, source: str = HANDLER) -> AsyncIterator[Setup]:
     code = tmp_path / "code"
     code.mkdir()
-    (code / "app.py").write_text(HANDLER)
+    (code / "app.py").write_text(source)
     api = f"127.0.0.1:{free_port()}"
     settings = from_args(
         ["--external-runtime", "--port", "0", "--runtime-api-address", api, "--timeout", str(timeout_s)],
@@ -196,3 +196,17 @@ async def test_runtime_dying_between_invocations_is_reported_on_the_next_one(tmp
         await s.wait_ready()
         after = await s.invoke({"name": "y"})
         assert after.json() == {"hello": "y", "pid": s.runtime.pids[1], "function": "external-fn"}
+
+
+async def test_an_init_error_is_the_answer_to_every_invocation_until_the_code_works(tmp_path: Path) -> None:
+    async with external(tmp_path, source="raise RuntimeError('broken at import')\n") as s:
+        await s.wait_ready()  # ready to report the error
+        for _ in range(2):  # the client exits after /init/error; each reset lets the next one try again
+            failed = await s.invoke({})
+            assert failed.headers["X-Amz-Function-Error"] == "Unhandled"
+            assert failed.json()["errorType"] == "RuntimeError"
+            assert failed.json()["errorMessage"] == "broken at import"
+            assert failed.headers["X-Lambdalet-Reset"] == "1"
+            assert "X-Lambdalet-Init-Duration-Ms" in failed.headers
+            await s.wait_ready()
+        assert "INIT_REPORT" in s.out.getvalue().decode()

@@ -481,13 +481,7 @@ class Environment:
         if generation != self._generation or self._closing:
             return
         phase = self.state.phase
-        if self.external and phase is Phase.INIT_ERROR:
-            # The client exits after posting its init error; the next invocation reports the error and
-            # resets, and meanwhile the restarted container may call /next.
-            self.process = None
-            self.state.restart()
-            self._advance()
-        elif phase is Phase.STARTED:
+        if phase is Phase.STARTED:
             self._fail_init(InitFailure("exit", returncode=returncode))
         elif phase is Phase.INIT_ERROR:
             self._advance()
