@@ -29,10 +29,24 @@ log = logging.getLogger("lambdalet.gateway.standby")
 STANDBY_PROGRAM = """\
 import json, os, sys
 from lambdalet_agent import cli
+def _show_argv(argv):
+    # Rewrite this process's command line in place (/proc/self/mem over the argv area), so ps and anything
+    # reading /proc/<pid>/cmdline see the agent it became, not the program that started it.
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])
+        text = b"\\0".join(a.encode() for a in argv)[: end - start - 1]
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(text + b"\\0" * (end - start - len(text)))
+    except (OSError, ValueError, IndexError):
+        pass
 line = sys.stdin.readline()
 if not line:
     sys.exit(0)
 order = json.loads(line)
+_show_argv([sys.executable, "-m", "lambdalet_agent", *order["argv"]])
 if order.get("cgroup"):
     with open(order["cgroup"], "w") as procs:
         procs.write(str(os.getpid()))
@@ -157,6 +171,20 @@ import gc, json, os, selectors, signal, socket, sys, traceback
 from lambdalet_agent import cli
 # what is imported now stays shared with every forked agent: keep the collector from touching (copying) it
 gc.freeze()
+def _show_argv(argv):
+    # Rewrite this process's command line in place (/proc/self/mem over the argv area), so ps and anything
+    # reading /proc/<pid>/cmdline see the agent it became, not the program that started it.
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])
+        text = b"\\0".join(a.encode() for a in argv)[: end - start - 1]
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(text + b"\\0" * (end - start - len(text)))
+    except (OSError, ValueError, IndexError):
+        pass
+
 control = socket.socket(fileno=int(sys.argv[1]))
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
@@ -172,6 +200,7 @@ def child(order, out_w, err_w):
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
+        _show_argv([sys.executable, "-m", "lambdalet_agent", *order["argv"]])
         if order.get("cgroup"):
             with open(order["cgroup"], "w") as procs:
                 procs.write(str(os.getpid()))

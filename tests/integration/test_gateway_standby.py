@@ -13,6 +13,7 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gateway_support import RunningGateway, processes_in, running_gateway, wait_for, write_function
@@ -21,13 +22,18 @@ PROBE = """
 import os
 
 def handler(event, context):
-    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-        agent = f.read()
+    agent = os.getppid()
+    with open(f"/proc/{agent}/cmdline", "rb") as f:
+        cmdline = f.read().split(b"\\0")
+    with open(f"/proc/{agent}/stat", "rb") as f:
+        agent_parent = int(f.read().rsplit(b")", 1)[1].split()[1])
     return {
         "greeting": os.environ.get("GREETING"),
         "cwd": os.getcwd(),
         "task_root": os.environ.get("LAMBDA_TASK_ROOT"),
-        "from_standby": b"from lambdalet_agent import cli" in agent,
+        "agent": agent,
+        "agent_parent": agent_parent,
+        "agent_cmdline": [a.decode() for a in cmdline if a],
     }
 """
 MARK = b"from lambdalet_agent import cli"
@@ -50,11 +56,15 @@ def idle_standbys() -> set[int]:
     return found
 
 
-def invoke(gateway: RunningGateway, name: str) -> tuple[dict[str, object], str]:
+def cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def invoke(gateway: RunningGateway, name: str) -> tuple[dict[str, Any], str]:
     path = f"/2015-03-31/functions/{name}/invocations"
     status, headers, body = gateway.post(path, b"{}", {"X-Amz-Log-Type": "Tail"})
     assert status == 200, body
-    result: dict[str, object] = json.loads(body)
+    result: dict[str, Any] = json.loads(body)
     return result, base64.b64decode(headers["X-Amz-Log-Result"]).decode()
 
 
@@ -64,18 +74,24 @@ def test_environments_start_from_standby_agents(tmp_path: Path, monkeypatch: pyt
     write_function(tmp_path, "second", {"app.py": PROBE}, environment={"variables": {"GREETING": "again"}})
     with running_gateway([tmp_path], tmp_path) as gateway:
         wait_for(lambda: len(idle_standbys()) == 1, what="a standby agent")
+        standbys = idle_standbys()
         result, log = invoke(gateway, "first")
         assert result["greeting"] == "hello"
-        assert result["from_standby"] is True
+        assert result["agent"] in standbys
         assert result["cwd"] == result["task_root"]
         assert "Init Duration" in log
+        # its command line is the agent's (ps, and tools that find agents by it, see which function it runs)
+        assert result["agent_cmdline"][1:3] == ["-m", "lambdalet_agent"]
+        assert "first" in result["agent_cmdline"]
+        assert str(tmp_path / "state") in " ".join(result["agent_cmdline"])
         result, log = invoke(gateway, "first")
         assert "Init Duration" not in log
 
         wait_for(lambda: len(idle_standbys()) == 1, what="the pool to be refilled")
+        standbys = idle_standbys()
         result, _ = invoke(gateway, "second")
         assert result["greeting"] == "again"
-        assert result["from_standby"] is True
+        assert result["agent"] in standbys
     assert idle_standbys() == set()
     assert processes_in(tmp_path) == set()
 
@@ -85,7 +101,8 @@ def test_without_the_setting_no_standby_is_started(tmp_path: Path, monkeypatch: 
     write_function(tmp_path, "plain", {"app.py": PROBE})
     with running_gateway([tmp_path], tmp_path) as gateway:
         result, _ = invoke(gateway, "plain")
-        assert result["from_standby"] is False
+        assert result["agent_parent"] == os.getpid()
+        assert MARK not in cmdline(int(result["agent"]))
         assert idle_standbys() == set()
 
 
@@ -106,7 +123,9 @@ def test_agents_forked_by_the_fork_server(tmp_path: Path, monkeypatch: pytest.Mo
         result, log = invoke(gateway, "forked")
         assert result["greeting"] == "forked"
         assert result["cwd"] == result["task_root"]
-        assert result["from_standby"] is True  # the agent is a fork of the fork server
+        assert b"gc.freeze()" in cmdline(int(result["agent_parent"]))  # forked by the fork server
+        assert result["agent_cmdline"][1:3] == ["-m", "lambdalet_agent"]
+        assert "forked" in result["agent_cmdline"]
         assert "Init Duration" in log
 
         # concurrent invocations get environments of their own
