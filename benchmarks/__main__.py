@@ -113,6 +113,20 @@ def gateway_scale(
     return out
 
 
+def account_throttle(plan: Plan, workdir: Path) -> dict[str, Any]:
+    """The platform-wide cap (LAMBDALET_CONCURRENCY_LIMIT) against a function without a cap of its own."""
+    running = workdir / "uncapped.running"
+    doc = targets.manifest("uncapped", env={"BENCH_RUNNING": str(running), "BENCH_SLEEP_S": "0.02"})
+    limit = {"LAMBDALET_CONCURRENCY_LIMIT": str(plan.throttle_cap)}
+    gateway = targets.start_gateway(workdir, [doc], tag="gateway-account", extra_env=limit)
+    try:
+        out = scale.throttle(gateway.addresses[0], "uncapped", plan.throttle_cap, running, plan.throttle_seconds)
+    finally:
+        gateway.stop()
+    log(f"throttle (account limit) {out}")
+    return out
+
+
 def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
     workdir = targets.workdir()
     started = time.time()
@@ -198,6 +212,8 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
             res.setdefault("scale", {}).update(found)
             if fork_env is not None:
                 res.setdefault("memory", {})["fork_server_env"] = fork_env
+        with r.section("throttle (account limit)"):
+            res.setdefault("scale", {})["throttle_account"] = account_throttle(plan, workdir)
         with r.section("burst (emulator)"):
             needed_mb = plan.burst * 30  # an emulator and awslambdaric, RSS
             if machine.mem_available_mb() < needed_mb * 1.3:

@@ -145,7 +145,11 @@ def scale_table(results: dict[str, Any]) -> str:
     burst_n = next((data["invocations"] for data in scale.values() if "invocations" in data), "?")
     text = table([f"burst of {burst_n}", "last answer ms", f"{TIMES} emulator", "p50 ms", "statuses"], rows)
     throttle_rows = []
-    for key, label in (("throttle", "default"), ("throttle_fork_server", "fork server")):
+    for key, label in (
+        ("throttle", "reservedConcurrency"),
+        ("throttle_fork_server", "reservedConcurrency, fork server"),
+        ("throttle_account", "LAMBDALET_CONCURRENCY_LIMIT"),
+    ):
         throttle = scale.get(key)
         if throttle:
             throttle_rows.append(
@@ -159,7 +163,7 @@ def scale_table(results: dict[str, Any]) -> str:
                 ]
             )
     if throttle_rows:
-        header = ["throttling (reservedConcurrency)", "clients", "invocations run", "max running", "above cap"]
+        header = ["throttling", "clients", "invocations run", "max running", "above cap"]
         text += "\n\n" + table([*header, "statuses"], throttle_rows)
     return text
 

@@ -100,7 +100,10 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
     burst_fork = _path(results, "scale", "gateway_burst_fork_server", "total_ms")
     out["burst_200_ms_gateway_fork_server"] = burst_fork
     out["burst_200_vs_emulator_fork_server"] = ratio(burst_fork, burst_rie)
-    above = [_path(results, "scale", key, "invocations_above_cap") for key in ("throttle", "throttle_fork_server")]
+    above = [
+        _path(results, "scale", key, "invocations_above_cap")
+        for key in ("throttle", "throttle_fork_server", "throttle_account")
+    ]
     measured = [value for value in above if value is not None]
     out["invocations_above_cap"] = max(measured) if measured else None
 
