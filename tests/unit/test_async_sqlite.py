@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from lambdalet_gateway.asyncq.model import Event, LastResponse
-from lambdalet_gateway.asyncq.queue import Message, Settlement
+from lambdalet_gateway.asyncq.queue import Message, QueueUnavailable, Settlement
 from lambdalet_gateway.asyncq.sqlite import SqliteQueue, read_events, read_messages
 
 
@@ -102,3 +102,18 @@ async def test_duplicate_request_id_is_stored_once(tmp_path: Path) -> None:
     await queue.put(event("same"))
     assert await queue.depth() == {"f": 1}
     await queue.close()
+
+
+async def test_a_second_process_cannot_open_a_queue_file_in_use(tmp_path: Path) -> None:
+    first = SqliteQueue(tmp_path / "q.sqlite3")
+    await first.start()
+    second = SqliteQueue(tmp_path / "q.sqlite3")
+    try:
+        await second.start()
+    except QueueUnavailable as exc:
+        assert "in use by another gateway" in str(exc)
+    else:
+        raise AssertionError("two owners of one queue file")
+    await first.close()
+    await second.start()  # free again once the first owner is gone
+    await second.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
@@ -123,24 +124,25 @@ async def accept_event(request: web.Request, function: str, body: bytes, request
     return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
 
 
-def open_queue(settings: AsyncSettings) -> EventQueue:
+def open_queue(settings: AsyncSettings, state_dir: Path | None) -> EventQueue:
     if settings.backend == "nats":
         from lambdalet_gateway.asyncq.jetstream import NatsQueue  # noqa: PLC0415 (nats-py only when used)
 
         return NatsQueue(settings.nats_url, ack_wait=settings.ack_wait, max_pending=settings.worker_concurrency * 4)
     from lambdalet_gateway.asyncq.sqlite import SqliteQueue  # noqa: PLC0415 (symmetry with the broker)
 
-    return SqliteQueue(settings.sqlite_path)
+    default = state_dir / "async.sqlite3" if state_dir is not None else Path(".lambdalet") / "async.sqlite3"
+    return SqliteQueue(settings.sqlite_path or default)
 
 
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     """``app.cleanup_ctx`` entry, after the one that creates the dispatcher and loads the functions."""
     # app.py and invoke.py import this module: their keys are imported here, at startup
-    from lambdalet_gateway.app import METRICS  # noqa: PLC0415
+    from lambdalet_gateway.app import METRICS, SETTINGS  # noqa: PLC0415
     from lambdalet_gateway.invoke import DISPATCHER  # noqa: PLC0415
 
     settings = AsyncSettings.from_env(os.environ)
-    queue = open_queue(settings)
+    queue = open_queue(settings, app[SETTINGS].state_dir)
     await queue.start()
     dispatcher = app[DISPATCHER]
     worker = Worker(

@@ -35,7 +35,7 @@ class AsyncSettings:
 
     | env | default |
     | LAMBDALET_ASYNC_BACKEND | sqlite (embedded) or nats (Kubernetes) |
-    | LAMBDALET_ASYNC_SQLITE_PATH | ``.lambdalet/async.sqlite3`` |
+    | LAMBDALET_ASYNC_SQLITE_PATH | ``$LAMBDALET_STATE_DIR/async.sqlite3``, else ``.lambdalet/async.sqlite3`` |
     | LAMBDALET_NATS_URL | nats://127.0.0.1:4222 (comma-separated list for a cluster) |
     | LAMBDALET_ASYNC_WORKER_CONCURRENCY | 64 (events in flight per gateway process) |
     | LAMBDALET_ASYNC_RETRY_DELAY_SCALE | 1.0 (tests shrink Lambda's 1 min / 2 min retry delays) |
@@ -45,7 +45,8 @@ class AsyncSettings:
     """
 
     backend: Backend = "sqlite"
-    sqlite_path: Path = Path(".lambdalet/async.sqlite3")
+    #: None: in the gateway's state directory when it has one, else ``.lambdalet/async.sqlite3``.
+    sqlite_path: Path | None = None
     nats_url: str = "nats://127.0.0.1:4222"
     worker_concurrency: int = 64
     timing: Timing = field(default_factory=Timing)
@@ -61,7 +62,9 @@ class AsyncSettings:
             raise SettingsError(f"LAMBDALET_ASYNC_WORKER_CONCURRENCY={concurrency}: must be a whole number")
         return cls(
             backend="nats" if backend == "nats" else "sqlite",
-            sqlite_path=Path(environ.get("LAMBDALET_ASYNC_SQLITE_PATH") or ".lambdalet/async.sqlite3"),
+            sqlite_path=Path(environ["LAMBDALET_ASYNC_SQLITE_PATH"])
+            if environ.get("LAMBDALET_ASYNC_SQLITE_PATH")
+            else None,
             nats_url=environ.get("LAMBDALET_NATS_URL") or "nats://127.0.0.1:4222",
             worker_concurrency=int(concurrency),
             timing=Timing(

@@ -13,6 +13,7 @@ process owns a queue file), and marks those events as redelivered: the function 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import queue
 import sqlite3
@@ -22,7 +23,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from lambdalet_gateway.asyncq.model import Delivery, Event, LastResponse
 from lambdalet_gateway.asyncq.queue import QueueUnavailable, Settlement
@@ -119,12 +120,24 @@ class SqliteQueue:
         self._thread: threading.Thread | None = None
         self._ready = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: BinaryIO | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One process owns a queue file: a second one would reclaim the first one's leases.
+        lock = self.path.with_name(self.path.name + ".lock").open("a+b")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise QueueUnavailable(
+                f"the async queue {self.path} is in use by another gateway process "
+                "(give each one its own LAMBDALET_ASYNC_SQLITE_PATH or LAMBDALET_STATE_DIR)"
+            ) from None
+        self._lock = lock
         opened: Future[None] = Future()
         self._thread = threading.Thread(target=self._writer, args=(opened,), name="asyncq-sqlite", daemon=True)
         self._thread.start()
@@ -138,11 +151,13 @@ class SqliteQueue:
         self._ready.set()
 
     async def close(self) -> None:
-        if self._thread is None:
-            return
-        self._ops.put(None)
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
+        if self._thread is not None:
+            self._ops.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _writer(self, opened: Future[None]) -> None:
         try:
