@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from lambdalet.names import InvalidFunctionName, parse_function_name
 
 from . import control
+from .asyncq.gateway import lifecycle as async_lifecycle
 from .backend import Backend, LostCallback
 from .dispatcher import LATEST, Dispatcher
 from .errors import MAX_SYNC_PAYLOAD, InvalidParameterValue, LambdaError, not_found
@@ -181,6 +182,7 @@ def create_app(settings: Settings, *, backend_factory: BackendFactory = default_
     app[LOGS] = LogStore(settings.log_lines, echo=settings.echo_logs)
     app[_BACKEND_FACTORY] = backend_factory
     app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(async_lifecycle)  # after the dispatcher: the async queue and its worker
     app.router.add_post("/2015-03-31/functions/{name}/invocations", invoke)
     app.router.add_get("/2015-03-31/functions/", list_functions)
     app.router.add_get("/2015-03-31/functions", list_functions)

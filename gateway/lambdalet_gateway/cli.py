@@ -118,10 +118,13 @@ def _invoke(args: list[str]) -> int:
     parser.add_argument("name")
     parser.add_argument("--payload", default="{}", help="JSON, or @FILE to read it from a file")
     parser.add_argument("--log-tail", action="store_true", help="also print the last 4 KB of the log")
+    parser.add_argument("--async", dest="event", action="store_true", help="asynchronous: print the request id")
     _endpoint(parser)
     ns = parser.parse_args(args)
     payload = Path(ns.payload[1:]).read_bytes() if ns.payload.startswith("@") else ns.payload.encode()
     headers = {"Content-Type": "application/json"}
+    if ns.event:
+        headers["X-Amz-Invocation-Type"] = "Event"
     if ns.log_tail:
         headers["X-Amz-Log-Type"] = "Tail"
     url = f"{ns.endpoint.rstrip('/')}/2015-03-31/functions/{urllib.parse.quote(ns.name, safe='')}/invocations"
@@ -131,6 +134,9 @@ def _invoke(args: list[str]) -> int:
         print(f"lambdalet invoke: cannot reach {ns.endpoint}: {exc}", file=sys.stderr)
         return 1
     lower = {k.lower(): v for k, v in response_headers.items()}
+    if ns.event and status == 202:
+        print(lower.get("x-amzn-requestid", ""))
+        return 0
     if ns.log_tail and "x-amz-log-result" in lower:
         sys.stderr.write(base64.b64decode(lower["x-amz-log-result"]).decode("utf-8", "replace"))
     sys.stdout.write(body.decode("utf-8", "replace") + "\n")

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from lambdalet.names import InvalidFunctionName, parse_function_name
 
+from .asyncq.gateway import accept_event
 from .dispatcher import LATEST, Dispatcher
 from .errors import (
     MAX_SYNC_PAYLOAD,
@@ -83,10 +84,7 @@ async def _invoke(request: web.Request, request_id: str) -> web.StreamResponse:
         dispatcher.admit_check(ref.name)
         return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
     if invocation_type == "Event":
-        raise InvalidParameterValue(
-            "InvocationType Event (asynchronous invocation) is not enabled on this gateway; "
-            "use RequestResponse or DryRun"
-        )
+        return await accept_event(request, ref.name, body, request_id)
     if invocation_type != "RequestResponse":
         raise InvalidParameterValue(
             f"InvocationType must be one of RequestResponse, Event, DryRun (got {invocation_type!r})"

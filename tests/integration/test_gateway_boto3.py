@@ -110,12 +110,10 @@ def test_throttled_function(gateway: RunningGateway) -> None:
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
 
 
-def test_event_invocation_is_refused_clearly(gateway: RunningGateway) -> None:
-    client = gateway.lambda_client()
-    with pytest.raises(ClientError) as caught:
-        client.invoke(FunctionName="hello", InvocationType="Event", Payload=b"{}")
-    assert caught.value.response["Error"]["Code"] == "InvalidParameterValueException"
-    assert "Event" in caught.value.response["Error"]["Message"]
+def test_event_invocation_is_accepted(gateway: RunningGateway) -> None:
+    response = gateway.lambda_client().invoke(FunctionName="hello", InvocationType="Event", Payload=b"{}")
+    assert response["StatusCode"] == 202
+    assert len(response["ResponseMetadata"]["RequestId"]) == 36
 
 
 def test_list_functions(gateway: RunningGateway) -> None:
