@@ -16,6 +16,8 @@ from lambdalet_gateway.asyncq.gateway import (
     DispatcherInvoker,
     EventTooLarge,
     accept_event,
+    default_sqlite_path,
+    open_queue,
 )
 from lambdalet_gateway.asyncq.metrics import AsyncMetrics
 from lambdalet_gateway.asyncq.model import Destination, FunctionGone, InvokeFailed, Throttled
@@ -26,6 +28,7 @@ from lambdalet_gateway.asyncq.worker import Worker
 from lambdalet_gateway.dispatcher import InvocationResult
 from lambdalet_gateway.errors import RESERVED_LIMIT, ResourceNotReady, not_found
 from lambdalet_gateway.errors import Throttled as GatewayThrottled
+from lambdalet_gateway.settings import Settings
 from prometheus_client import CollectorRegistry
 
 from lambdalet.spec import Function
@@ -125,3 +128,19 @@ async def test_accept_answers_202_after_the_event_is_stored(tmp_path: Path) -> N
     assert raised.value.code == "RequestTooLargeException"
     assert str(MAX_ASYNC_PAYLOAD) in raised.value.message
     await queue.close()
+
+
+def test_default_queue_file_is_per_gateway_and_stable(tmp_path: Path) -> None:
+    environ = {"XDG_STATE_HOME": str(tmp_path)}
+    with_state = Settings(state_dir=tmp_path / "state")
+    assert default_sqlite_path(with_state, environ) == tmp_path / "state" / "async.sqlite3"
+    here = Settings(manifests=(Path("examples"),), port=8080)
+    again = default_sqlite_path(here, environ)
+    assert again == default_sqlite_path(Settings(manifests=(Path("examples"),), port=8080), environ)
+    assert again.parent == tmp_path / "lambdalet"
+    assert default_sqlite_path(Settings(manifests=(Path("examples"),), port=8081), environ) != again
+
+
+def test_a_kubernetes_gateway_without_nats_has_no_queue() -> None:
+    assert open_queue(AsyncSettings(), Settings(backend="kubernetes"), {}) is None
+    assert isinstance(open_queue(AsyncSettings(), Settings(state_dir=Path("/tmp/x")), {}), SqliteQueue)

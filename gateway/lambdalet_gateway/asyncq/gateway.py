@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -32,6 +33,7 @@ from lambdalet_gateway.asyncq.worker import Worker
 from lambdalet_gateway.dispatcher import Dispatcher
 from lambdalet_gateway.errors import LambdaError, RequestTooLarge, ResourceNotFound, ServiceError
 from lambdalet_gateway.errors import Throttled as GatewayThrottled
+from lambdalet_gateway.settings import Settings
 
 log = logging.getLogger("lambdalet.asyncq")
 
@@ -115,7 +117,10 @@ async def accept_event(request: web.Request, function: str, body: bytes, request
         raise EventTooLarge(request_id=request_id)
     worker = request.app.get(ASYNC)
     if worker is None:
-        raise ServiceError("asynchronous invocation is not running on this gateway", request_id=request_id)
+        raise ServiceError(
+            "asynchronous invocation is not running on this gateway (its event queue is not open; see its log)",
+            request_id=request_id,
+        )
     try:
         await worker.accept(function, body, request_id)
     except QueueUnavailable as exc:
@@ -124,26 +129,59 @@ async def accept_event(request: web.Request, function: str, body: bytes, request
     return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
 
 
-def open_queue(settings: AsyncSettings, state_dir: Path | None) -> EventQueue:
+def default_sqlite_path(gateway: Settings, environ: Mapping[str, str]) -> Path:
+    """The embedded queue file when ``LAMBDALET_ASYNC_SQLITE_PATH`` is not set: in the gateway's state
+    directory when it has one, else one file per (manifests, address, port) under ``$XDG_STATE_HOME``
+    (``~/.local/state``): the same ``lambdalet up`` finds its events again after a restart, and two
+    gateways never share a file."""
+    if gateway.state_dir is not None:
+        return gateway.state_dir / "async.sqlite3"
+    identity = [str(p.resolve()) for p in sorted(gateway.manifests)] + [gateway.host, str(gateway.port)]
+    if gateway.port == 0:
+        identity.append(str(os.getpid()))  # an ephemeral port has no identity to come back to
+    digest = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
+    base = Path(environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "lambdalet" / f"async-{digest}.sqlite3"
+
+
+def open_queue(settings: AsyncSettings, gateway: Settings, environ: Mapping[str, str]) -> EventQueue | None:
+    """The queue the settings choose; None when there is none to use (a Kubernetes gateway without NATS)."""
     if settings.backend == "nats":
         from lambdalet_gateway.asyncq.jetstream import NatsQueue  # noqa: PLC0415 (nats-py only when used)
 
         return NatsQueue(settings.nats_url, ack_wait=settings.ack_wait, max_pending=settings.worker_concurrency * 4)
+    if gateway.backend == "kubernetes" and settings.sqlite_path is None:
+        log.error(
+            "asynchronous invocation is off: on Kubernetes it needs LAMBDALET_ASYNC_BACKEND=nats "
+            "(helm: --set nats.enabled=true); Event invocations are answered 500"
+        )
+        return None
     from lambdalet_gateway.asyncq.sqlite import SqliteQueue  # noqa: PLC0415 (symmetry with the broker)
 
-    default = state_dir / "async.sqlite3" if state_dir is not None else Path(".lambdalet") / "async.sqlite3"
-    return SqliteQueue(settings.sqlite_path or default)
+    return SqliteQueue(settings.sqlite_path or default_sqlite_path(gateway, environ))
 
 
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-    """``app.cleanup_ctx`` entry, after the one that creates the dispatcher and loads the functions."""
+    """``app.cleanup_ctx`` entry, after the one that creates the dispatcher and loads the functions.
+
+    A queue that cannot be opened turns asynchronous invocation off (Event answered 500, logged) and
+    leaves the rest of the gateway serving.
+    """
     # app.py and invoke.py import this module: their keys are imported here, at startup
     from lambdalet_gateway.app import METRICS, SETTINGS  # noqa: PLC0415
     from lambdalet_gateway.invoke import DISPATCHER  # noqa: PLC0415
 
     settings = AsyncSettings.from_env(os.environ)
-    queue = open_queue(settings, app[SETTINGS].state_dir)
-    await queue.start()
+    queue = open_queue(settings, app[SETTINGS], os.environ)
+    if queue is not None:
+        try:
+            await queue.start()
+        except (QueueUnavailable, OSError) as exc:
+            log.error("asynchronous invocation is off: %s", exc)
+            queue = None
+    if queue is None:
+        yield
+        return
     dispatcher = app[DISPATCHER]
     worker = Worker(
         queue,
