@@ -85,7 +85,9 @@ def gateway_scale(
         "capped", env={"BENCH_RUNNING": str(running), "BENCH_SLEEP_S": "0.02"}, reserved=plan.throttle_cap
     )
     docs = [targets.manifest("burst"), capped]
-    gateway = targets.start_gateway(workdir, docs, tag=f"gateway-scale{suffix}", extra_env=extra_env)
+    # the whole burst may wait for environments (the default lets 100 wait and throttles the rest with 429)
+    env = {**(extra_env or {}), "LAMBDALET_QUEUE_SIZE": str(plan.burst)}
+    gateway = targets.start_gateway(workdir, docs, tag=f"gateway-scale{suffix}", extra_env=env)
     out: dict[str, Any] = {}
     try:
         throttle = scale.throttle(gateway.addresses[0], "capped", plan.throttle_cap, running, plan.throttle_seconds)
