@@ -86,7 +86,7 @@ def gateway_scale(
     )
     docs = [targets.manifest("burst"), capped]
     # the whole burst may wait for environments (the default lets 100 wait and throttles the rest with 429)
-    env = {**(extra_env or {}), "LAMBDALET_QUEUE_SIZE": str(plan.burst)}
+    env = {**(extra_env or {}), "LAMBDALET_QUEUE_SIZE": str(plan.burst), "LAMBDALET_QUEUE_TIMEOUT_SECONDS": "120"}
     gateway = targets.start_gateway(workdir, docs, tag=f"gateway-scale{suffix}", extra_env=env)
     out: dict[str, Any] = {}
     try:
