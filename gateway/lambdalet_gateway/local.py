@@ -41,6 +41,8 @@ log = logging.getLogger("lambdalet.gateway.local")
 #: How long an agent may take to bind its port and finish the function's init.
 _START_LIMIT_S = 60.0
 _POLL_S = 0.005
+#: Environments starting at once, per CPU (each start is mostly CPU: an interpreter and its imports).
+_START_SLOTS_PER_CPU = 2
 _STOP_GRACE_S = 2.0
 #: Environment variables of the gateway that must not leak into an agent's own settings.
 _AGENT_SETTINGS_ENV = (
@@ -85,6 +87,7 @@ class LocalBackend:
         env["PYTHONUNBUFFERED"] = "1"
         self._base_env = env
         self._cpu = CpuCgroups.detect() if settings.cpu_limits else None
+        self._start_slots = asyncio.Semaphore(_START_SLOTS_PER_CPU * (os.cpu_count() or 1))
         # Agents without an interpreter start (see standby.py), opt-in: LAMBDALET_AGENT_FORK_SERVER=1 forks
         # each from one process that imported the agent; LAMBDALET_STANDBY_AGENTS=N keeps N pre-started.
         standby = int(os.environ.get("LAMBDALET_STANDBY_AGENTS") or 0)
@@ -103,6 +106,13 @@ class LocalBackend:
         return self._state_dir
 
     async def start(self, function: Function, *, provisioned: bool) -> Environment:
+        # At most a few environments start at once: a burst that asks for hundreds would otherwise have them
+        # all share the cores and become ready together, late, while the first few ready ones could serve
+        # the waiting invocations (any waiting invocation takes the first environment that is ready).
+        async with self._start_slots:
+            return await self._start(function, provisioned=provisioned)
+
+    async def _start(self, function: Function, *, provisioned: bool) -> Environment:
         code_dir = await asyncio.to_thread(self._code_dir, function)
         env_id = EnvironmentId(f"{function.name}-{next(self._ids)}")
         port_file = self._state_dir / "ports" / f"{env_id}.port"
