@@ -25,6 +25,7 @@ FAILING_EVERY = 40
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)  # usually 10-40 s; the headroom is for a machine shared with heavy builds
 async def test_sigkill_of_the_gateway_loses_no_accepted_event(tmp_path: Path) -> None:
     manifests = tmp_path / "functions"
     manifests.mkdir()

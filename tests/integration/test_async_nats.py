@@ -109,6 +109,8 @@ async def test_retries_and_destinations_through_jetstream(queue: NatsQueue) -> N
     assert await queue.depth() == {}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # usually 5-40 s; headroom for a machine shared with heavy builds
 async def test_broker_sigkill_and_restart_loses_no_accepted_event(queue: NatsQueue, server: NatsServer) -> None:
     """2,000 events accepted while the broker is SIGKILLed and restarted three times: every accepted
     event runs at least once, and each failing one has its record in the failure destination."""
@@ -149,6 +151,8 @@ async def test_broker_sigkill_and_restart_loses_no_accepted_event(queue: NatsQue
     print(f"\nNATS broker SIGKILL x3: accepted={len(accepted)} refused={refused} duplicate_runs={duplicates}")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # usually 5-40 s; headroom for a machine shared with heavy builds
 async def test_lambdalet_up_on_nats_survives_gateway_and_broker_sigkills(tmp_path: Path, server: NatsServer) -> None:
     """The Kubernetes arrangement on one machine: the gateway (``lambdalet up`` with the NATS queue) and the
     broker are separate processes. 2,000 events; the gateway is SIGKILLed twice and the broker twice, at
