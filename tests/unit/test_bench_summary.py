@@ -125,3 +125,13 @@ def test_readme_tables_are_spliced_between_markers_and_replaced_on_the_next_run(
     assert "new tables" in second
     assert f"0.50{report.TIMES}" not in second
     assert second.endswith("trailing text\n")
+
+
+def test_headline_quotes_the_measured_figures_and_the_command() -> None:
+    results = dict(RESULTS, summary=summary.build(RESULTS), meta={"command": "make bench", "machine": "2 cores"})
+    text = report.headline(results)
+    assert text.startswith("`make bench`")
+    assert "1,500 req/s" in text  # the gateway's throughput at concurrency 8
+    assert f"0.50{report.TIMES} the emulator's throughput" in text
+    assert "60.0 ms by default" in text
+    assert "above a concurrency cap under 2x overload: 0" in text
