@@ -72,7 +72,14 @@ def draw(results: dict[str, Any], path: Path) -> None:
 
     ax = axes[2]
     cold = results.get("cold", {})
-    kinds = [(k, SHORT[k]) for k in ("gateway", "gateway_standby", "gateway_fork_server", "agent", "rie") if k in cold]
+    cold_labels = {
+        "gateway": "(a) gateway\ndefault",
+        "gateway_standby": "(a) gateway\nstandby agent",
+        "gateway_fork_server": "(a) gateway\nfork server",
+        "agent": "(b) agent",
+        "rie": "(c) emulator",
+    }
+    kinds = [(k, label) for k, label in cold_labels.items() if k in cold]
     for x, (kind, _) in enumerate(kinds):
         bottom = 0.0
         data = cold[kind]
@@ -83,7 +90,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
                 bottom += value
         ax.text(x, bottom, f"{data['total']['p50']:.0f} ms", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(range(len(kinds))))
-    ax.set_xticklabels([label for _, label in kinds], fontsize=8)
+    ax.set_xticklabels([label for _, label in kinds], fontsize=7)
     ax.set_ylabel("ms (p50 of each phase)")
     ax.set_title("Cold start, first invocation")
     handles, legend_labels = ax.get_legend_handles_labels()
