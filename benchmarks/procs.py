@@ -105,6 +105,16 @@ def kill_now(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(10)
 
 
+def kill_pids(pids: list[int]) -> None:
+    """SIGKILL these processes and the process groups they lead (leftovers of a stopped target)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def children(pid: int) -> list[int]:
     """Direct children of ``pid``, from /proc (every thread's: a Go program forks from any thread)."""
     out: list[int] = []

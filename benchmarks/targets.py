@@ -72,8 +72,11 @@ class Target:
                     raise RuntimeError(f"{self.name}: warm-up invocation on {address} answered {status}")
 
     def stop(self) -> None:
+        """Stop every process and whatever it started (environments lead sessions of their own)."""
         for proc in self.processes:
-            procs.stop(proc)
+            descendants = list(procs.tree(proc.pid))[1:]
+            procs.stop(proc, grace=10)
+            procs.kill_pids(descendants)
 
 
 def start_floor(kind: str, workdir: Path) -> Target:
