@@ -124,6 +124,9 @@ IMAGES: dict[str, Image] = {
         workdir="/var/task",
         files=((TOOLS / "images" / "python-ric", "/var/task"),),
     ),
+    # The chart's NATS JetStream broker (nats.enabled): Debian's nats-server (`make apt-deps`); the official
+    # image's entrypoint runs nats-server with the container's args.
+    **{name: Image(("nats-server",)) for name in ("nats", "docker.io/library/nats")},
 }
 
 
