@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import os
 import random
@@ -23,6 +24,7 @@ import subprocess
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -278,21 +280,19 @@ def test_no_accepted_event_lost_while_broker_and_gateway_pods_die(cluster: Clust
     wait_ready(cluster, namespace, "recorder")
     host, port = service_ip(cluster, release, "gateway")
     url = f"http://{host}:{port}"
-    local = threading.local()
-
-    def client() -> Any:
-        if not hasattr(local, "client"):
-            local.client = lambda_client(url)
-        return local.client
+    first = lambda_client(url)
 
     def served() -> bool | None:
         try:
-            client().get_function(FunctionName="recorder")
+            first.get_function(FunctionName="recorder")
         except botocore.exceptions.ClientError:
             return None
         return True
 
-    wait_until(served, 60, "the gateway to serve recorder")
+    try:
+        wait_until(served, 60, "the gateway to serve recorder")
+    finally:
+        first.close()
 
     accepted: dict[str, int] = {}
     refused = 0
@@ -301,23 +301,27 @@ def test_no_accepted_event_lost_while_broker_and_gateway_pods_die(cluster: Clust
 
     def sender() -> None:
         nonlocal refused
-        for index in indexes:  # one shared iterator: each index is taken by one sender
-            event = {"i": index, "fail": index % FAILING_EVERY == 0}
-            while True:
-                try:
-                    response = client().invoke(
-                        FunctionName="recorder", InvocationType="Event", Payload=json.dumps(event).encode()
-                    )
-                except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
-                    # not accepted (gateway or broker down, function not yet known to a new gateway): again
+        client = lambda_client(url)
+        try:
+            for index in indexes:  # one shared iterator: each index is taken by one sender
+                event = {"i": index, "fail": index % FAILING_EVERY == 0}
+                while True:
+                    try:
+                        response = client.invoke(
+                            FunctionName="recorder", InvocationType="Event", Payload=json.dumps(event).encode()
+                        )
+                    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+                        # not accepted (gateway or broker down, function not yet known to a new gateway): again
+                        with lock:
+                            refused += 1
+                        time.sleep(0.2)
+                        continue
+                    assert response["StatusCode"] == 202, response
                     with lock:
-                        refused += 1
-                    time.sleep(0.2)
-                    continue
-                assert response["StatusCode"] == 202, response
-                with lock:
-                    accepted[response["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]] = index
-                break
+                        accepted[response["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]] = index
+                    break
+        finally:
+            client.close()  # its pooled connections, not left to the garbage collector
 
     # Faults at random points: one gateway fault and one broker fault while sending (by accepted count),
     # the other two after the last event was accepted, while the backlog is being delivered (by run
@@ -368,6 +372,11 @@ def test_no_accepted_event_lost_while_broker_and_gateway_pods_die(cluster: Clust
         for future in senders:
             future.result()
         sent = time.monotonic() - started
+        # A connection the dying gateway broke mid-request can be left to the garbage collector by
+        # botocore's connection pool, whose socket then warns as unclosed: collect it here, quietly.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
         failing = {r for r, i in accepted.items() if i % FAILING_EVERY == 0}
 
         deadline = time.monotonic() + 240
