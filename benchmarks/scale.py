@@ -72,9 +72,10 @@ async def _rie_burst(binary: Path, count: int) -> tuple[float, list[float], Coun
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-            async def one(port: int) -> tuple[int, float]:
-                url = f"http://127.0.0.1:{port}{targets.INVOKE_PATH}"
+            async def one(index: int) -> tuple[int, float]:
                 while True:
+                    port = ports[index][0]
+                    url = f"http://127.0.0.1:{port}{targets.INVOKE_PATH}"
                     try:
                         async with session.post(url, data=targets.EVENT) as resp:
                             await resp.read()
@@ -83,9 +84,15 @@ async def _rie_burst(binary: Path, count: int) -> tuple[float, list[float], Coun
                         # not listening yet, or accepted while still starting: try again
                         if time.monotonic() - t0 > 120:
                             raise
+                        if processes[index].poll() is not None:
+                            # it exited (its port was taken by another process meanwhile): start another
+                            ports[index] = (procs.free_port(), procs.free_port())
+                            processes[index] = procs.spawn(
+                                targets.rie_argv(binary, *ports[index]), env=env, cwd=targets.FUNCTION_DIR
+                            )
                         await asyncio.sleep(0.001)
 
-            results = await asyncio.gather(*(one(port) for port, _ in ports))
+            results = await asyncio.gather(*(one(i) for i in range(count)))
     finally:
         for proc in processes:
             procs.kill_now(proc)
