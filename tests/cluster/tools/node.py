@@ -650,21 +650,44 @@ class Mount:
     read_only: bool
 
 
+#: Where a container's namespace sees the host's whole tree while its volumes are being mounted.
+STAGE_DIR = "/run/lambdalet-node"
+
+
+def _covered(path: str, targets: list[str]) -> bool:
+    return any(path == t.rstrip("/") or path.startswith(t.rstrip("/") + "/") for t in targets)
+
+
 def launch_argv(command: list[str], mounts: list[Mount], workdir: str, hostname: str) -> list[str]:
     """argv that runs `command` in a new mount+UTS namespace with the volumes bind-mounted at their paths.
-    Without namespaces (fallback) the command runs as is, with paths rewritten by the caller."""
+    Without namespaces (fallback) the command runs as is, with paths rewritten by the caller.
+
+    A volume may be mounted over a directory that holds other volumes' sources or this checkout (a /tmp
+    emptyDir when the checkout or the cluster state lives under /tmp): so the host's tree is first bound
+    at a staging path (in this namespace only), every source is taken from there, and the checkout (the
+    container's interpreter and runtime files) is bound back where a volume covers it."""
     if not NAMESPACES_WORK:
         return command
-    lines = ["set -e", f"/usr/bin/hostname {shlex.quote(hostname)}"]
+    stage = f"{STAGE_DIR}/$$"
+    lines = [
+        "set -e",
+        f"/usr/bin/hostname {shlex.quote(hostname)}",
+        f"/usr/bin/mkdir -p {stage}",
+        f"/usr/bin/mount --rbind / {stage}",
+    ]
     for mount in sorted(mounts, key=lambda m: m.target.count("/")):
         target = shlex.quote(mount.target)
         if mount.source.is_dir():
             lines.append(f"/usr/bin/mkdir -p {target}")
         else:
             lines.append(f"/usr/bin/mkdir -p $(/usr/bin/dirname {target}); [ -e {target} ] || : > {target}")
-        lines.append(f"/usr/bin/mount --bind {shlex.quote(str(mount.source))} {target}")
+        lines.append(f"/usr/bin/mount --bind {stage}{shlex.quote(str(mount.source))} {target}")
         if mount.read_only:
             lines.append(f"/usr/bin/mount -o remount,bind,ro {target}")
+    if _covered(str(ROOT), [m.target for m in mounts]):
+        root = shlex.quote(str(ROOT))
+        lines.append(f"/usr/bin/mkdir -p {root} && /usr/bin/mount --rbind {stage}{root} {root}")
+    lines.append(f"/usr/bin/umount -l {stage} && /usr/bin/rmdir {stage} 2>/dev/null || true")
     lines.append(f"/usr/bin/mkdir -p {shlex.quote(workdir)} && cd {shlex.quote(workdir)}")
     lines.append('exec "$@"')
     return [
