@@ -1,7 +1,8 @@
 """The one module that talks to the Kubernetes API (through ``kubernetes_asyncio``'s ApiClient).
 
-Objects go in and come out as plain dicts; library errors are translated once into ``KubeError`` and its
-subclasses (with the cause chained), so handlers decide retry-or-not on our own types.
+Objects go in and come out as plain dicts; credentials, the raw call and the error types (``KubeError``
+and its subclasses, cause chained) come from the transport shared with the gateway,
+``lambdalet.kubeclient``, so handlers decide retry-or-not on our own types.
 
 Credentials: in a pod, the ServiceAccount token and CA from ``$LAMBDALET_SERVICEACCOUNT_DIR`` (default
 ``/var/run/secrets/kubernetes.io/serviceaccount``; the chart sets it so that a node that materialises
@@ -12,54 +13,36 @@ kubeconfig (``$KUBECONFIG`` or ``~/.kube/config``). kopf logs in with the same c
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
-import aiohttp
 from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config import ConfigException, load_kube_config
-from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
+from lambdalet import kubeclient
 from lambdalet.crd import PLURAL, VERSION
+from lambdalet.kubeclient import Conflict, Forbidden, Invalid, KubeError, NotFound, Obj, load_configuration
 from lambdalet.spec import API_GROUP
+
+# Handlers and reconcile decide retry-or-not on these types, imported from here (their one API module).
+__all__ = [
+    "Conflict",
+    "Credentials",
+    "Forbidden",
+    "Invalid",
+    "Kube",
+    "KubeError",
+    "NotFound",
+    "Obj",
+    "credentials",
+    "load_configuration",
+    "path",
+]
 
 logger = logging.getLogger("lambdalet.operator.kube")
 
-DEFAULT_SERVICEACCOUNT_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
 FIELD_MANAGER: Final = "lambdalet-operator"
-REQUEST_TIMEOUT: Final = 30.0
-
-Obj = dict[str, Any]
-
-
-class KubeError(Exception):
-    """A failed API call; transient unless a subclass says otherwise."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class NotFound(KubeError):
-    pass
-
-
-class Conflict(KubeError):
-    pass
-
-
-class Invalid(KubeError):
-    """The API server refused the object itself (422, 400): retrying the same object cannot help."""
-
-
-class Forbidden(KubeError):
-    """RBAC denied the call: the chart's Role lacks a permission."""
 
 
 # (api prefix, plural) per kind the operator handles.
@@ -83,25 +66,6 @@ def path(kind: str, namespace: str, name: str | None = None, subresource: str | 
     return out
 
 
-def _translate(exc: BaseException, what: str) -> KubeError:
-    if isinstance(exc, ApiException):
-        status = int(exc.status or 0)
-        detail = exc.reason or ""
-        with contextlib.suppress(ValueError, AttributeError):
-            detail = json.loads(exc.body or "{}").get("message") or detail
-        message = f"{what}: {status} {detail}"
-        if status == 404:
-            return NotFound(message, status)
-        if status == 409:
-            return Conflict(message, status)
-        if status in (400, 422):
-            return Invalid(message, status)
-        if status in (401, 403):
-            return Forbidden(message, status)
-        return KubeError(message, status)
-    return KubeError(f"{what}: {type(exc).__name__}: {exc}")
-
-
 @dataclass(frozen=True)
 class Credentials:
     """What kopf needs to log in as the same identity as this client."""
@@ -112,25 +76,6 @@ class Credentials:
     certificate_path: str | None
     private_key_path: str | None
     insecure: bool
-
-
-async def load_configuration(environ: Mapping[str, str]) -> k8s.Configuration:
-    """In-cluster credentials when a token is mounted, otherwise the kubeconfig."""
-    configuration = k8s.Configuration()
-    sa_dir = Path(environ.get("LAMBDALET_SERVICEACCOUNT_DIR") or DEFAULT_SERVICEACCOUNT_DIR)
-    if environ.get("KUBERNETES_SERVICE_HOST") and (sa_dir / "token").exists():
-        loader = InClusterConfigLoader(
-            token_filename=str(sa_dir / "token"), cert_filename=str(sa_dir / "ca.crt"), environ=dict(environ)
-        )
-        loader.load_and_set(configuration)
-        logger.info("using the pod's ServiceAccount credentials from %s", sa_dir)
-        return configuration
-    try:
-        await load_kube_config(config_file=environ.get("KUBECONFIG"), client_configuration=configuration)
-    except ConfigException as exc:
-        raise KubeError(f"no Kubernetes credentials: no ServiceAccount token in {sa_dir} and {exc}") from exc
-    logger.info("using kubeconfig credentials for %s", configuration.host)
-    return configuration
 
 
 async def credentials(configuration: k8s.Configuration) -> Credentials:
@@ -170,22 +115,7 @@ class Kube:
         content_type: str = "application/json",
         query: list[tuple[str, str]] | None = None,
     ) -> Obj:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        try:
-            result = await self._api.call_api(
-                url,
-                method,
-                header_params=headers,
-                query_params=query or [],
-                body=body,
-                response_types_map={200: "object", 201: "object", 202: "object"},
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
-                _request_timeout=REQUEST_TIMEOUT,
-            )
-        except (ApiException, aiohttp.ClientError, TimeoutError) as exc:
-            raise _translate(exc, what) from exc
-        return dict(result or {})
+        return await kubeclient.call(self._api, method, url, what, body=body, content_type=content_type, query=query)
 
     async def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         try:
