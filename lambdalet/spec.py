@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,20 +23,6 @@ API_VERSION: Final = "lambdalet.dev/v1alpha1"
 KIND: Final = "Function"
 
 #: Lambda's runtime identifiers that lambdalet runs.
-RUNTIMES: tuple[str, ...] = (
-    "python3.11",
-    "python3.12",
-    "python3.13",
-    "nodejs20.x",
-    "nodejs22.x",
-    "java17",
-    "java21",
-    "ruby3.2",
-    "ruby3.3",
-    "ruby3.4",
-    "provided.al2023",
-    "provided.al2",
-)
 Runtime = Literal[
     "python3.11",
     "python3.12",
@@ -51,6 +37,7 @@ Runtime = Literal[
     "provided.al2023",
     "provided.al2",
 ]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 
 #: Variables Lambda sets itself; a function may not set them (Lambda developer guide, "Defined runtime
 #: environment variables").
