@@ -25,10 +25,8 @@ from pathlib import Path
 
 log = logging.getLogger("lambdalet.gateway.standby")
 
-#: What a standby runs: import the agent, wait for its orders, become that agent.
-STANDBY_PROGRAM = """\
-import json, os, sys
-from lambdalet_agent import cli
+#: Both programs below rename themselves to the agent they become.
+_SHOW_ARGV = """\
 def _show_argv(argv):
     # Rewrite this process's command line in place (/proc/self/mem over the argv area), so ps and anything
     # reading /proc/<pid>/cmdline see the agent it became, not the program that started it.
@@ -42,6 +40,16 @@ def _show_argv(argv):
             mem.write(text + b"\\0" * (end - start - len(text)))
     except (OSError, ValueError, IndexError):
         pass
+"""
+
+#: What a standby runs: import the agent, wait for its orders, become that agent.
+STANDBY_PROGRAM = (
+    """\
+import json, os, sys
+from lambdalet_agent import cli
+"""
+    + _SHOW_ARGV
+    + """\
 line = sys.stdin.readline()
 if not line:
     sys.exit(0)
@@ -56,6 +64,7 @@ os.dup2(null, 0)
 os.close(null)
 sys.exit(cli.main(["agent", *order["argv"]]))
 """
+)
 
 #: Start a replacement this long after a standby is taken (the cold start it serves goes first).
 REFILL_DELAY_S = 0.15
@@ -166,25 +175,15 @@ async def _discard(proc: asyncio.subprocess.Process) -> None:
 
 
 #: The fork server: import the agent once, then fork one agent per order (see :class:`ForkServer`).
-FORK_SERVER_PROGRAM = """\
+FORK_SERVER_PROGRAM = (
+    """\
 import gc, json, os, selectors, signal, socket, sys, traceback
 from lambdalet_agent import cli
 # what is imported now stays shared with every forked agent: keep the collector from touching (copying) it
 gc.freeze()
-def _show_argv(argv):
-    # Rewrite this process's command line in place (/proc/self/mem over the argv area), so ps and anything
-    # reading /proc/<pid>/cmdline see the agent it became, not the program that started it.
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        start, end = int(fields[45]), int(fields[46])
-        text = b"\\0".join(a.encode() for a in argv)[: end - start - 1]
-        with open("/proc/self/mem", "r+b", buffering=0) as mem:
-            mem.seek(start)
-            mem.write(text + b"\\0" * (end - start - len(text)))
-    except (OSError, ValueError, IndexError):
-        pass
-
+"""
+    + _SHOW_ARGV
+    + """
 control = socket.socket(fileno=int(sys.argv[1]))
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
@@ -256,6 +255,7 @@ while True:
                     break
                 control.send(b"exit %d %d" % (pid, os.waitstatus_to_exitcode(status)))
 """
+)
 
 
 class ForkedAgent(asyncio.subprocess.Process):
