@@ -5,6 +5,11 @@ keeps it open between invocations, writes each request with a single ``write`` (
 payload), and parses the agent's response (``Content-Length`` or chunked) without per-request objects
 beyond the result.
 
+A streamed function response (the agent marks it ``X-Lambdalet-Response-Stream: 1``, chunked, with the
+error and report values in trailers) is not buffered: ``post`` returns once the head has arrived, with
+an :class:`AgentStream` that yields the body chunk by chunk and then holds the trailers. The connection
+is busy until that stream has been read to its end (or closed, which drops the connection).
+
 Nothing is ever sent twice: once a request is written, any failure is the caller's error (the agent may
 have started the invocation). To keep that safe, a connection is not reused once the agent has closed it
 or once it has been idle for ``MAX_IDLE_S`` — well under the agent's keep-alive timeout (aiohttp's 75 s),
@@ -22,6 +27,10 @@ _MAX_HEAD = 64 * 1024
 MAX_IDLE_S = 30.0
 #: Bodies above this are written as a second buffer rather than joined with the head.
 _JOIN_LIMIT = 64 * 1024
+#: A chunk of a streamed body is handed on whole, or in pieces of at least this size while it arrives.
+_PIECE = 64 * 1024
+#: The head of a streamed response carries this header (value ``1``).
+STREAM_MARKER = "x-lambdalet-response-stream"
 
 
 class AgentConnectionError(ConnectionError):
@@ -33,7 +42,9 @@ class AgentResponse:
     status: int
     #: Lower-cased header names (the agent sends each at most once).
     headers: dict[str, str]
+    #: The whole body; empty for a streamed response, whose body is read from ``stream``.
     body: bytes
+    stream: AgentStream | None = None
 
 
 class _Protocol(asyncio.Protocol):
@@ -134,16 +145,111 @@ class AgentConnection:
             transport.write(b"".join(head))
             transport.write(body)
         try:
-            response, keep_alive = await _read_response(protocol)
+            response, keep_alive, streamed = await _read_response(protocol)
         except BaseException:
             self.close()
             raise
+        if streamed:
+            stream = AgentStream(self, protocol, keep_alive)
+            return AgentResponse(response.status, response.headers, b"", stream)
         if not keep_alive:
             self.close()
         return response
 
 
-async def _read_response(protocol: _Protocol) -> tuple[AgentResponse, bool]:
+class AgentStream:
+    """The body of a streamed response, read incrementally: ``read()`` until it returns ``None``, then
+    ``trailers`` (lower-cased names) holds the values the agent sent after the body.
+
+    Cancel-safe: a ``read`` cancelled while waiting for bytes leaves the parser where it was, so reading
+    can go on later (for example to drain a stream whose caller went away).
+    """
+
+    __slots__ = ("_connection", "_crlf", "_in_trailers", "_keep_alive", "_left", "_protocol", "done", "trailers")
+
+    def __init__(self, connection: AgentConnection, protocol: _Protocol, keep_alive: bool) -> None:
+        self._connection = connection
+        self._protocol = protocol
+        self._keep_alive = keep_alive
+        self._left = 0  # bytes of the current chunk not yet read
+        self._crlf = False  # the CRLF after a chunk's data is due
+        self._in_trailers = False
+        self.done = False
+        self.trailers: dict[str, str] = {}
+
+    async def read(self) -> bytes | None:
+        """The next piece of the body (a whole chunk as the agent wrote it, or a part of at least 64 KB
+        of a large one); ``None`` at the end. :class:`AgentConnectionError` if the agent fails."""
+        if self.done:
+            return None
+        protocol = self._protocol
+        buffer = protocol.buffer
+        try:
+            while True:
+                if self._left:
+                    have = len(buffer)
+                    if have < self._left and have < _PIECE:
+                        await protocol.more()
+                        continue
+                    take = min(have, self._left)
+                    piece = bytes(buffer[:take])
+                    del buffer[:take]
+                    self._left -= take
+                    self._crlf = self._left == 0
+                    return piece
+                if self._crlf:
+                    if len(buffer) < 2:
+                        await protocol.more()
+                        continue
+                    if buffer[:2] != b"\r\n":
+                        raise AgentConnectionError("malformed chunked body (no CRLF after a chunk)")
+                    del buffer[:2]
+                    self._crlf = False
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    if len(buffer) > _MAX_HEAD:
+                        raise AgentConnectionError("malformed chunked body (line too long)")
+                    await protocol.more()
+                    continue
+                line = bytes(buffer[:end])
+                del buffer[: end + 2]
+                if self._in_trailers:
+                    if not line:
+                        self._finish()
+                        return None
+                    name, _, value = line.decode("latin-1").partition(":")
+                    self.trailers[name.strip().lower()] = value.strip()
+                    continue
+                try:
+                    size = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise AgentConnectionError(f"malformed chunk size {line[:40]!r}") from None
+                if size == 0:
+                    self._in_trailers = True
+                else:
+                    self._left = size
+        except AgentConnectionError:
+            self.done = True
+            self._connection.close()
+            raise
+
+    def _finish(self) -> None:
+        self.done = True
+        connection = self._connection
+        connection._last_used = asyncio.get_running_loop().time()
+        if not self._keep_alive:
+            connection.close()
+
+    def close(self) -> None:
+        """Stop reading: an unfinished stream's connection cannot be reused, so it is closed."""
+        if not self.done:
+            self.done = True
+            self._connection.close()
+
+
+async def _read_response(protocol: _Protocol) -> tuple[AgentResponse, bool, bool]:
+    """The response and whether the connection stays open; the third value is True for a streamed
+    response, whose body is still on the wire."""
     buffer = protocol.buffer
     while True:
         end = buffer.find(b"\r\n\r\n")
@@ -171,6 +277,8 @@ async def _read_response(protocol: _Protocol) -> tuple[AgentResponse, bool]:
         body = bytes(buffer[:size])
         del buffer[:size]
     elif "chunked" in headers.get("transfer-encoding", "").lower():
+        if headers.get(STREAM_MARKER) == "1":
+            return AgentResponse(status, headers, b""), keep_alive, True
         body = await _read_chunked(protocol)
     elif status in (204, 304) or 100 <= status < 200:
         body = b""
@@ -181,7 +289,7 @@ async def _read_response(protocol: _Protocol) -> tuple[AgentResponse, bool]:
         body = bytes(buffer)
         buffer.clear()
         keep_alive = False
-    return AgentResponse(status, headers, body), keep_alive
+    return AgentResponse(status, headers, body), keep_alive, False
 
 
 async def _read_chunked(protocol: _Protocol) -> bytes:
