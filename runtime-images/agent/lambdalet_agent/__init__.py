@@ -8,6 +8,7 @@ Layers, from pure to I/O (a module only imports the ones above it):
   ``process`` (the bootstrap's process group and its output): one concern each at the OS edge.
 - ``environment``: the lifecycle of one execution environment (init, invoke, timeout, crash, reset);
   no HTTP here.
-- ``server``: the two aiohttp applications (Runtime API and invoke endpoint), translating HTTP to
-  ``environment`` calls; ``agent`` wires everything; ``cli`` is ``lambdalet agent``.
+- ``httpserver``: the HTTP/1.1 server (httptools; request and response trailers), no Lambda logic.
+- ``server``: the two faces (Runtime API and invoke endpoint) as routes of that server, translating HTTP
+  to ``environment`` calls; ``agent`` wires everything; ``cli`` is ``lambdalet agent``.
 """

@@ -9,22 +9,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from aiohttp import web
-
 from lambdalet_agent import runtimes
 from lambdalet_agent.environment import Environment
 from lambdalet_agent.external import ObservingLimiter
+from lambdalet_agent.httpserver import Server
 from lambdalet_agent.memory import MemoryLimiter, create_limiter
 from lambdalet_agent.metrics import Metrics
-from lambdalet_agent.server import create_invoke_app, create_runtime_api_app
+from lambdalet_agent.server import invoke_handlers, runtime_handlers
 from lambdalet_agent.settings import Settings
 
 SHUTDOWN_TIMEOUT_S = 2.0
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    address = runner.addresses[0]
-    return int(address[1])
+RUNTIME_API_SHUTDOWN_TIMEOUT_S = 0.5
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -67,29 +62,23 @@ class Agent:
             out=out if out is not None else sys.stdout.buffer,
             base_env=base_env,
         )
-        self._runtime_runner = web.AppRunner(
-            create_runtime_api_app(self.env), access_log=None, handle_signals=False, shutdown_timeout=0.5
-        )
-        self._invoke_runner = web.AppRunner(
-            create_invoke_app(self.env), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
-        )
+        self._runtime_server = Server(runtime_handlers(self.env))
+        self._invoke_server = Server(invoke_handlers(self.env))
         self.port = 0
         self.runtime_api_port = 0
 
     async def start(self) -> None:
         s = self.settings
-        await self._runtime_runner.setup()
-        await web.TCPSite(self._runtime_runner, s.runtime_api_host, s.runtime_api_port, backlog=64).start()
-        self.runtime_api_port = _bound_port(self._runtime_runner)
+        await self._runtime_server.start(s.runtime_api_host, s.runtime_api_port, backlog=64)
+        self.runtime_api_port = self._runtime_server.port
         self.env.runtime_api_address = f"{s.runtime_api_host}:{self.runtime_api_port}"
-        await self._invoke_runner.setup()
-        await web.TCPSite(self._invoke_runner, s.host, s.port, backlog=1024, reuse_address=True).start()
-        self.port = _bound_port(self._invoke_runner)
+        await self._invoke_server.start(s.host, s.port, backlog=1024, reuse_address=True)
+        self.port = self._invoke_server.port
         await self.env.start()
         if s.port_file:
             _write_atomically(s.port_file, f"{self.port}\n")
 
     async def stop(self) -> None:
-        await self._invoke_runner.cleanup()
+        await self._invoke_server.close(SHUTDOWN_TIMEOUT_S)
         await self.env.close()
-        await self._runtime_runner.cleanup()
+        await self._runtime_server.close(RUNTIME_API_SHUTDOWN_TIMEOUT_S)

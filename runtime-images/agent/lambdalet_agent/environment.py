@@ -10,6 +10,7 @@ and the change it guards.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -34,6 +35,7 @@ Runtime = RuntimeProcess | ExternalRuntime
 
 JSON = "application/json"
 RESPONSE_LIMIT = 6 * 1024 * 1024 + 100  # 6,291,556 bytes, the Runtime API's limit
+STREAM_BUFFER = 1024 * 1024  # streamed bytes held for a slow caller before the runtime's reads pause
 REQUEST_LIMIT = 6 * 1024 * 1024  # 6,291,456 bytes, the Invoke API's limit
 
 
@@ -63,6 +65,54 @@ class Event:
     want_tail: bool = False
 
 
+class ResponseStream:
+    """A streamed response on its way from the runtime to the caller: chunks in the order the runtime
+    wrote them, then the end. Bounded: :meth:`put` waits while more than ``STREAM_BUFFER`` bytes are held
+    (the runtime's connection stops being read meanwhile); :meth:`close` never waits and wakes everyone."""
+
+    __slots__ = ("_chunks", "_getter", "_putter", "_size", "closed")
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._getter: asyncio.Future[None] | None = None
+        self._putter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    @staticmethod
+    def _wake(waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def put(self, chunk: bytes) -> None:
+        if self.closed:
+            return
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        self._wake(self._getter)
+        while self._size > STREAM_BUFFER and not self.closed:
+            self._putter = asyncio.get_running_loop().create_future()
+            await self._putter
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake(self._getter)
+        self._wake(self._putter)
+
+    async def get(self) -> bytes | None:
+        """The next chunk, or None once the stream is closed and drained."""
+        while not self._chunks:
+            if self.closed:
+                return None
+            self._getter = asyncio.get_running_loop().create_future()
+            await self._getter
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        if self._size <= STREAM_BUFFER:
+            self._wake(self._putter)
+        return chunk
+
+
 @dataclass(slots=True)
 class Outcome:
     """What the caller gets: a buffered body, or a stream of chunks (streaming response mode)."""
@@ -70,7 +120,7 @@ class Outcome:
     body: bytes
     content_type: str = JSON
     error_type: str | None = None  # set for every failed invocation -> X-Amz-Function-Error: Unhandled
-    stream: asyncio.Queue[bytes | None] | None = None
+    stream: ResponseStream | None = None
 
 
 @dataclass(slots=True)
@@ -88,7 +138,8 @@ class Invocation:
     duration_ms: float = 0.0
     max_memory_mb: int = 0
     reset: bool = False
-    streaming: bool = False
+    stream: ResponseStream | None = None
+    final: Outcome | None = None  # how it ended (a streamed invocation: its error, if any, for the trailers)
 
 
 @dataclass(slots=True)
@@ -240,11 +291,13 @@ class Environment:
         self.limiter.close()
         inv = self.current
         if inv is not None:
+            failure = error_json("Sandbox.Failure", "The execution environment is shutting down.")
+            if inv.final is None:
+                inv.final = Outcome(failure, JSON, "Sandbox.Failure")
             if not inv.result.done():
-                failure = error_json("Sandbox.Failure", "The execution environment is shutting down.")
-                inv.result.set_result(Outcome(failure, JSON, "Sandbox.Failure"))
-            elif inv.streaming and (queue := inv.result.result().stream) is not None:
-                queue.put_nowait(None)
+                inv.result.set_result(inv.final)
+            if inv.stream is not None:
+                inv.stream.close()
             if not inv.finished.done():
                 inv.finished.set_result(None)
         self._flush()
@@ -434,6 +487,9 @@ class Environment:
         else:
             m.failures.inc()
             m.errors.labels(outcome.error_type).inc()
+        inv.final = outcome
+        if inv.stream is not None:
+            inv.stream.close()
         if not inv.result.done():
             inv.result.set_result(outcome)
         if not inv.finished.done():
@@ -453,10 +509,6 @@ class Environment:
         outcome = Outcome(
             error_json("Sandbox.Timedout", report.timeout_error(request_id, timeout_s)), JSON, "Sandbox.Timedout"
         )
-        if inv.streaming and inv.result.done():
-            queue = inv.result.result().stream
-            if queue is not None:
-                queue.put_nowait(None)
         peak = self.limiter.peak_bytes(self.process.pid) if self.process is not None else 0
         self._complete(inv, outcome, peak=peak)
         self._reset("timeout")
@@ -492,10 +544,6 @@ class Environment:
             message = report.exit_error(request_id, returncode)
             self._emit_platform(message, inv)
             outcome = Outcome(error_json("Runtime.ExitError", message), JSON, "Runtime.ExitError")
-            if inv.streaming and inv.result.done():
-                queue = inv.result.result().stream
-                if queue is not None:
-                    queue.put_nowait(None)
             self._complete(inv, outcome)
             self._reset("exit")
         else:
@@ -564,12 +612,14 @@ class Environment:
         self.state.result(inv.event.request_id, error=outcome.error_type is not None)
         self._complete(inv, outcome)
 
-    def start_stream(self, inv: Invocation, content_type: str) -> asyncio.Queue[bytes | None]:
-        """Streaming response mode: the caller starts receiving chunks now."""
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
-        inv.streaming = True
-        inv.result.set_result(Outcome(b"", content_type, None, queue))
-        return queue
+    def start_stream(self, inv: Invocation, content_type: str) -> ResponseStream:
+        """Streaming response mode: the caller starts receiving chunks now. The invocation ends with
+        :meth:`finish` (its outcome's error, if any, goes to the caller after the last chunk), a timeout or
+        the runtime's exit; each closes the stream."""
+        stream = ResponseStream()
+        inv.stream = stream
+        inv.result.set_result(Outcome(b"", content_type, None, stream))
+        return stream
 
     def init_error(self, body: bytes, content_type: str, error_type: str) -> None:
         """``POST /init/error`` (raises InvalidStateTransition after init)."""

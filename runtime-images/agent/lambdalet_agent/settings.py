@@ -14,6 +14,8 @@ from pathlib import Path
 DEFAULT_RUNTIME = "python3.12"
 INIT_TIMEOUT_S = 10.0
 MAX_MEMORY_MB = 10240
+# A streamed response (Lambda-Runtime-Function-Response-Mode: streaming) may be up to 200 MB, Lambda's quota.
+STREAM_RESPONSE_LIMIT = 200 * 1024 * 1024
 TRUE_WORDS = ("1", "true", "yes")
 
 
@@ -43,6 +45,8 @@ class Settings:
     init_timeout_s: float = INIT_TIMEOUT_S
     # No bootstrap of its own: another container's Runtime API client is the runtime (code.image).
     external_runtime: bool = False
+    # Bytes a streamed response may carry; past it the stream ends with Function.ResponseSizeTooLarge.
+    stream_response_limit: int = STREAM_RESPONSE_LIMIT
 
     @property
     def function_arn(self) -> str:
