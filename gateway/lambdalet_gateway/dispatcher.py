@@ -5,6 +5,8 @@ the HTTP routes, and the async worker): it admits the invocation against the fun
 concurrency and the platform's limit (raising :class:`~lambdalet_gateway.errors.Throttled`), takes an
 idle environment or waits in a bounded queue while one starts, forwards the payload to that environment's
 agent over a pooled keep-alive connection, and returns an :class:`InvocationResult`.
+``Dispatcher.invoke_stream`` is the same with a function's streamed response passed on as it arrives
+(:class:`StreamedResult`); ``invoke`` buffers such a response up to Lambda's 6 MB, as Lambda's Invoke does.
 
 One invocation per environment: an environment is either idle (in its function's idle stack), busy
 (handed to exactly one invocation) or starting. The scaling decision is
@@ -14,17 +16,19 @@ One invocation per environment: an environment is either idle (in its function's
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 
 from lambdalet.names import function_arn
 from lambdalet.spec import Function
 
-from .agent_client import AgentConnectionError
+from .agent_client import AgentConnectionError, AgentResponse, AgentStream
 from .autoscaler import Decision, EnvironmentView, Observations, ScalingSpec, decide
 from .backend import Backend, Environment, EnvironmentId, StartError
 from .errors import (
@@ -46,6 +50,15 @@ LATEST = "$LATEST"
 #: How many environments an invocation is offered when each refuses the connection.
 _DELIVERY_ATTEMPTS = 3
 _INVOKE_PATH = b"/2015-03-31/functions/function/invocations"
+#: Lambda's limit on a response returned whole, in bytes (the Runtime API's, which the agent enforces);
+#: a streamed response read through ``invoke`` past it is a ``Function.ResponseSizeTooLarge`` error.
+MAX_BUFFERED_RESPONSE = 6291556
+_OVERSIZE = json.dumps(
+    {
+        "errorType": "Function.ResponseSizeTooLarge",
+        "errorMessage": f"Response payload size exceeded maximum allowed payload size ({MAX_BUFFERED_RESPONSE} bytes).",
+    }
+).encode()
 
 
 class NotDelivered(ServiceError):
@@ -67,6 +80,98 @@ class InvocationResult:
     duration_ms: float | None = None
     billed_duration_ms: float | None = None
     init_duration_ms: float | None = None
+
+
+class StreamedResult:
+    """A result whose body the function streams: iterate it for the chunks as they arrive.
+
+    When the iteration ends, the values the agent sends after the body are set: ``function_error``
+    (``Unhandled``) and ``error`` (the error object, JSON bytes) when the function failed mid-stream, or
+    ``failure`` (a message) when the platform did (the environment died, the stream overran the deadline);
+    ``log_result`` and the report values. The environment and the invocation's share of concurrency stay
+    taken until the stream has ended. Always ``close()`` it: an unfinished stream (its caller went away)
+    is then read to its end in the background, which frees the environment when the function finishes.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        pool: _Pool,
+        env: Environment,
+        response: AgentResponse,
+        stream: AgentStream,
+        *,
+        request_id: str,
+        deadline: float,
+        on_end: Callable[[], None],
+    ) -> None:
+        headers = response.headers
+        self.request_id = request_id
+        self.content_type = headers.get("content-type", "application/octet-stream")
+        self.executed_version = headers.get("x-amz-executed-version", LATEST)
+        self.function_error: str | None = None
+        self.error: bytes | None = None
+        self.failure: str | None = None
+        self.log_result: str | None = None
+        self.duration_ms: float | None = None
+        self.billed_duration_ms: float | None = None
+        self.init_duration_ms: float | None = None
+        self._headers = headers
+        self._stream = stream
+        self._dispatcher = dispatcher
+        self._pool = pool
+        self._env = env
+        self._deadline = deadline
+        self._on_end = on_end
+        self._draining = False
+        self.finished = False
+
+    def __aiter__(self) -> StreamedResult:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                chunk = await self._stream.read()
+        except (AgentConnectionError, OSError, TimeoutError) as exc:
+            self._end(exc)
+            raise StopAsyncIteration from None
+        if chunk is None:
+            self._end(None)
+            raise StopAsyncIteration
+        return chunk
+
+    def _end(self, failure: BaseException | None) -> None:
+        self.finished = True
+        pool, env = self._pool, self._env
+        try:
+            if failure is not None:
+                self._stream.close()
+                self.failure = f"the execution environment failed mid-stream: {failure!r}"
+                pool.metrics.outcomes["error"].inc()
+                pool.busy.pop(env.id, None)
+                self._dispatcher._discard(env)
+                return
+            values = self._headers | self._stream.trailers
+            error_type = values.get(STREAM_ERROR_TYPE)
+            if error_type:
+                self.function_error = "Unhandled"
+                self.error = _stream_error(error_type, values.get(STREAM_ERROR_BODY))
+            self.log_result = values.get("x-amz-log-result")
+            self.duration_ms, self.billed_duration_ms, self.init_duration_ms = _account(
+                pool, values, self.function_error
+            )
+            self._dispatcher._release(pool, env)
+        finally:
+            self._on_end()
+
+    def close(self) -> None:
+        """Done with the stream: if it has not ended, read the rest in the background (see the class)."""
+        if not self.finished and not self._draining:
+            self._draining = True
+            self._dispatcher._drain(self)
 
 
 class _Pool:
@@ -113,6 +218,7 @@ class Dispatcher:
         self._unreserved_in_flight = 0
         self._unreserved_limit = settings.concurrency_limit
         self._tasks: set[asyncio.Task[None]] = set()
+        self._drains: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
         self._closed = False
         metrics.watch(self.snapshots)
@@ -196,7 +302,39 @@ class Dispatcher:
         invoked_arn: str | None = None,
         trace_id: str | None = None,
     ) -> InvocationResult:
-        """Run one invocation synchronously; raise a :class:`LambdaError` (``Throttled`` when refused)."""
+        """Run one invocation synchronously; raise a :class:`LambdaError` (``Throttled`` when refused).
+
+        A streamed response is buffered up to :data:`MAX_BUFFERED_RESPONSE` bytes, as Lambda's Invoke
+        does: an error the function reports mid-stream is a function error, a longer response is
+        ``Function.ResponseSizeTooLarge``.
+        """
+        result = await self.invoke_stream(
+            name,
+            payload,
+            request_id=request_id,
+            client_context=client_context,
+            log_tail=log_tail,
+            invoked_arn=invoked_arn,
+            trace_id=trace_id,
+        )
+        if isinstance(result, InvocationResult):
+            return result
+        return await _buffer(result)
+
+    async def invoke_stream(
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        request_id: str,
+        client_context: str | None = None,
+        log_tail: bool = False,
+        invoked_arn: str | None = None,
+        trace_id: str | None = None,
+    ) -> InvocationResult | StreamedResult:
+        """Like :meth:`invoke`, but a response the function streams comes back as a
+        :class:`StreamedResult` as soon as it starts (everything refused before that raises, as in
+        ``invoke``)."""
         pool = self._pools.get(name)
         if pool is None:
             raise not_found(self.arn(name), request_id=request_id)
@@ -211,17 +349,26 @@ class Dispatcher:
         pool.in_flight += 1
         if reserved is None:
             self._unreserved_in_flight += 1
+
+        def leave() -> None:
+            pool.in_flight -= 1
+            if reserved is None:
+                self._unreserved_in_flight -= 1
+
+        streaming = False
         try:
             attempts = 0
             while True:
                 env = self._take_idle(pool)
                 if env is None:
                     env = await self._wait(pool, request_id)
+                deadline = self._loop.time() + pool.timeout
                 try:
-                    result = await self._forward(
+                    response = await self._send(
                         pool,
                         env,
                         payload,
+                        deadline,
                         request_id=request_id,
                         client_context=client_context,
                         log_tail=log_tail,
@@ -246,6 +393,19 @@ class Dispatcher:
                     pool.busy.pop(env.id, None)
                     self._discard(env)
                     raise
+                if response.stream is not None:
+                    streaming = True
+                    return StreamedResult(
+                        self,
+                        pool,
+                        env,
+                        response,
+                        response.stream,
+                        request_id=request_id,
+                        deadline=deadline,
+                        on_end=leave,
+                    )
+                result = _result(pool, response, request_id)
                 self._release(pool, env)
                 return result
         except StartError as exc:
@@ -261,9 +421,8 @@ class Dispatcher:
                 pool.metrics.outcomes["error"].inc()
             raise
         finally:
-            pool.in_flight -= 1
-            if reserved is None:
-                self._unreserved_in_flight -= 1
+            if not streaming:
+                leave()
 
     def _take_idle(self, pool: _Pool) -> Environment | None:
         if pool.idle_provisioned:
@@ -297,18 +456,20 @@ class Dispatcher:
                     pool.waiters.remove(waiter)
         return env
 
-    async def _forward(
+    async def _send(
         self,
         pool: _Pool,
         env: Environment,
         payload: bytes,
+        deadline: float,
         *,
         request_id: str,
         client_context: str | None,
         log_tail: bool,
         invoked_arn: str | None,
         trace_id: str | None,
-    ) -> InvocationResult:
+    ) -> AgentResponse:
+        """Send the invocation to the agent; its answer (a streamed one with only the head read)."""
         headers = {
             "Content-Type": "application/json",
             "X-Lambdalet-Request-Id": request_id,
@@ -321,42 +482,18 @@ class Dispatcher:
         if trace_id:
             headers["X-Amzn-Trace-Id"] = trace_id
         try:
-            async with asyncio.timeout(pool.timeout):
+            async with asyncio.timeout_at(deadline):
                 response = await env.connect().post(_INVOKE_PATH, headers, payload)
         except (OSError, AgentConnectionError, TimeoutError) as exc:
             if not isinstance(exc, AgentConnectionError | TimeoutError):
                 # The client raises a plain OSError only when connecting failed: nothing was sent.
                 raise NotDelivered(f"the execution environment refused the connection: {exc!r}") from exc
             raise ServiceError(f"the execution environment failed: {exc!r}") from exc
-        status = response.status
-        body = response.body
-        rh = response.headers
-        if status != 200:
-            raise ServiceError(f"the execution environment answered {status}: {body[:500]!r}")
-        metrics = pool.metrics
-        function_error = rh.get("x-amz-function-error")
-        duration = _ms(rh.get("x-lambdalet-duration-ms"))
-        billed = _ms(rh.get("x-lambdalet-billed-duration-ms"))
-        init = _ms(rh.get("x-lambdalet-init-duration-ms"))
-        (metrics.outcomes["function_error"] if function_error else metrics.outcomes["success"]).inc()
-        if duration is not None:
-            metrics.duration.observe(duration / 1000)
-        if init is not None:
-            metrics.cold_starts.inc()
-            metrics.init_duration.observe(init / 1000)
-        if billed is not None:
-            metrics.billed_gb_seconds.inc(billed / 1000 * pool.function.spec.memoryMB / 1024)
-        return InvocationResult(
-            request_id=request_id,
-            payload=body,
-            content_type=rh.get("content-type", "application/json"),
-            function_error=function_error,
-            log_result=rh.get("x-amz-log-result"),
-            executed_version=rh.get("x-amz-executed-version", LATEST),
-            duration_ms=duration,
-            billed_duration_ms=billed,
-            init_duration_ms=init,
-        )
+        if response.status != 200:
+            if response.stream is not None:
+                response.stream.close()
+            raise ServiceError(f"the execution environment answered {response.status}: {response.body[:500]!r}")
+        return response
 
     # ---- environments ----------------------------------------------------------------------------
 
@@ -499,6 +636,17 @@ class Dispatcher:
         else:
             pool.starting_on_demand -= 1
 
+    def _drain(self, streamed: StreamedResult) -> None:
+        """Read an abandoned stream to its end, so its environment is freed when the function finishes."""
+
+        async def drain() -> None:
+            async for _ in streamed:
+                pass
+
+        task = self._loop.create_task(drain())
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
@@ -531,6 +679,8 @@ class Dispatcher:
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._drains):
+            task.cancel()
         for pool in self._pools.values():
             while pool.waiters:
                 waiter = pool.waiters.popleft()
@@ -540,6 +690,93 @@ class Dispatcher:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._backend.close()
+
+
+STREAM_ERROR_TYPE = "lambda-runtime-function-error-type"
+STREAM_ERROR_BODY = "lambda-runtime-function-error-body"
+
+
+def _account(
+    pool: _Pool, values: Mapping[str, str], function_error: str | None
+) -> tuple[float | None, float | None, float | None]:
+    """Record an invocation's outcome and report values (from the agent's headers or trailers)."""
+    metrics = pool.metrics
+    duration = _ms(values.get("x-lambdalet-duration-ms"))
+    billed = _ms(values.get("x-lambdalet-billed-duration-ms"))
+    init = _ms(values.get("x-lambdalet-init-duration-ms"))
+    (metrics.outcomes["function_error"] if function_error else metrics.outcomes["success"]).inc()
+    if duration is not None:
+        metrics.duration.observe(duration / 1000)
+    if init is not None:
+        metrics.cold_starts.inc()
+        metrics.init_duration.observe(init / 1000)
+    if billed is not None:
+        metrics.billed_gb_seconds.inc(billed / 1000 * pool.function.spec.memoryMB / 1024)
+    return duration, billed, init
+
+
+def _result(pool: _Pool, response: AgentResponse, request_id: str) -> InvocationResult:
+    rh = response.headers
+    function_error = rh.get("x-amz-function-error")
+    duration, billed, init = _account(pool, rh, function_error)
+    return InvocationResult(
+        request_id=request_id,
+        payload=response.body,
+        content_type=rh.get("content-type", "application/json"),
+        function_error=function_error,
+        log_result=rh.get("x-amz-log-result"),
+        executed_version=rh.get("x-amz-executed-version", LATEST),
+        duration_ms=duration,
+        billed_duration_ms=billed,
+        init_duration_ms=init,
+    )
+
+
+def _stream_error(error_type: str, encoded_body: str | None) -> bytes:
+    """The error object of a failed stream: its base64 trailer, or one built from the error type."""
+    if encoded_body:
+        try:
+            body = base64.b64decode(encoded_body, validate=True)
+            if isinstance(json.loads(body), dict):
+                return body
+        except (binascii.Error, ValueError):
+            pass
+    return json.dumps({"errorType": error_type, "errorMessage": error_type}).encode()
+
+
+async def _buffer(streamed: StreamedResult) -> InvocationResult:
+    """A streamed result read whole, as Lambda's Invoke returns a streaming function's response."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in streamed:
+            size += len(chunk)
+            if size > MAX_BUFFERED_RESPONSE:
+                return InvocationResult(
+                    streamed.request_id,
+                    _OVERSIZE,
+                    "application/json",
+                    function_error="Unhandled",
+                    executed_version=streamed.executed_version,
+                )
+            chunks.append(chunk)
+    finally:
+        streamed.close()
+    if streamed.failure is not None:
+        raise ServiceError(streamed.failure, request_id=streamed.request_id)
+    result = InvocationResult(
+        streamed.request_id,
+        b"".join(chunks),
+        streamed.content_type,
+        log_result=streamed.log_result,
+        executed_version=streamed.executed_version,
+        duration_ms=streamed.duration_ms,
+        billed_duration_ms=streamed.billed_duration_ms,
+        init_duration_ms=streamed.init_duration_ms,
+    )
+    if streamed.error is not None:
+        return replace(result, payload=streamed.error, content_type="application/json", function_error="Unhandled")
+    return result
 
 
 def _fields(env: Environment) -> dict[str, str]:

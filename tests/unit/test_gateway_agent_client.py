@@ -10,6 +10,7 @@ from typing import Self
 
 import pytest
 from gateway_loop_support import no_blocking
+from gateway_stream_support import DIE, END, STREAM_HEAD, StreamingAgent, chunk, trailers
 from lambdalet_gateway import agent_client
 from lambdalet_gateway.agent_client import AgentConnection, AgentConnectionError
 
@@ -196,137 +197,99 @@ async def test_nobody_listening() -> None:
 
 # ---- streamed responses -----------------------------------------------------------------------------
 
-STREAM_HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Lambdalet-Response-Stream: 1\r\n"
-    b"Transfer-Encoding: chunked\r\nTrailer: Lambda-Runtime-Function-Error-Type\r\n\r\n"
-)
+
+@pytest.fixture
+async def agent() -> AsyncIterator[StreamingAgent]:
+    fake = StreamingAgent()
+    yield fake
+    await fake.close()
 
 
-class StreamingAgent(RawServer):
-    """A fake agent speaking the streamed-response contract: the test decides when each piece is written
-    (``b""`` ends a response, ``b"<die>"`` drops the connection)."""
-
-    def __init__(self) -> None:
-        super().__init__(lambda request: None)
-        self.pieces: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-                self.requests.append(head + await reader.readexactly(length))
-                while piece := await self.pieces.get():
-                    if piece == b"<die>":
-                        return
-                    writer.write(piece)
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    def send(self, *pieces: bytes) -> None:
-        for piece in pieces:
-            self.pieces.put_nowait(piece)
-
-    async def __aexit__(self, *exc: object) -> None:
-        for _ in range(self.connections):
-            self.pieces.put_nowait(b"<die>")
-        await asyncio.sleep(0.05)
-        await super().__aexit__(*exc)
+@pytest.fixture
+async def connection(agent: StreamingAgent) -> AsyncIterator[AgentConnection]:
+    connection = AgentConnection("127.0.0.1", await agent.listen())
+    yield connection
+    connection.close()
 
 
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n" % len(data) + data + b"\r\n"
+async def test_a_streamed_body_arrives_chunk_by_chunk_then_its_trailers(
+    agent: StreamingAgent, connection: AgentConnection
+) -> None:
+    agent.send(STREAM_HEAD, chunk(b"first"))
+    response = await connection.post(b"/", {}, b"{}")
+    assert response.status == 200
+    assert response.headers["content-type"] == "text/plain"
+    stream = response.stream
+    assert stream is not None
+    # the first chunk is readable while the agent has not written the second one yet
+    assert await stream.read() == b"first"
+    agent.send(chunk(b"second"))
+    assert await stream.read() == b"second"
+    agent.send(trailers(Lambda_Runtime_Function_Error_Type="Sandbox.Timedout", X_Lambdalet_Duration_Ms="12.5"), END)
+    assert await stream.read() is None
+    assert stream.trailers == {
+        "lambda-runtime-function-error-type": "Sandbox.Timedout",
+        "x-lambdalet-duration-ms": "12.5",
+    }
+    assert await stream.read() is None
+    # the connection is reused for the next request once the stream has ended
+    agent.send(ok(b"next"), END)
+    assert (await connection.post(b"/", {}, b"{}")).body == b"next"
+    assert agent.connections == 1
 
 
-async def test_a_streamed_body_arrives_chunk_by_chunk_then_its_trailers() -> None:
-    async with StreamingAgent() as agent:
-        connection = AgentConnection("127.0.0.1", agent.port)
-        agent.send(STREAM_HEAD, chunk(b"first"))
-        response = await connection.post(b"/", {}, b"{}")
-        assert response.status == 200
-        assert response.headers["content-type"] == "text/plain"
-        stream = response.stream
-        assert stream is not None
-        # the first chunk is readable while the agent has not written the second one yet
-        assert await stream.read() == b"first"
-        agent.send(chunk(b"second"))
-        assert await stream.read() == b"second"
-        agent.send(
-            b"0\r\nLambda-Runtime-Function-Error-Type: Sandbox.Timedout\r\nX-Lambdalet-Duration-Ms: 12.5\r\n\r\n", b""
-        )
-        assert await stream.read() is None
-        assert stream.trailers == {
-            "lambda-runtime-function-error-type": "Sandbox.Timedout",
-            "x-lambdalet-duration-ms": "12.5",
-        }
-        assert await stream.read() is None
-        # the connection is reused for the next request once the stream has ended
-        agent.send(ok(b"next"), b"")
-        assert (await connection.post(b"/", {}, b"{}")).body == b"next"
-        assert agent.connections == 1
-        connection.close()
-
-
-async def test_a_large_chunk_is_handed_on_in_pieces() -> None:
+async def test_a_large_chunk_is_handed_on_in_pieces(agent: StreamingAgent, connection: AgentConnection) -> None:
     big = bytes(range(256)) * 2048  # 512 KB in one chunk
-    async with StreamingAgent() as agent:
-        connection = AgentConnection("127.0.0.1", agent.port)
-        agent.send(STREAM_HEAD + chunk(big) + b"0\r\n\r\n", b"")
-        response = await connection.post(b"/", {}, b"{}")
-        assert response.stream is not None
-        pieces = []
-        while (piece := await response.stream.read()) is not None:
-            pieces.append(piece)
-        assert b"".join(pieces) == big
-        assert all(len(piece) >= 64 * 1024 for piece in pieces[:-1])
-        connection.close()
+    agent.send(STREAM_HEAD + chunk(big) + trailers(), END)
+    response = await connection.post(b"/", {}, b"{}")
+    assert response.stream is not None
+    pieces = []
+    while (piece := await response.stream.read()) is not None:
+        pieces.append(piece)
+    assert b"".join(pieces) == big
+    assert all(len(piece) >= 64 * 1024 for piece in pieces[:-1])
 
 
-async def test_a_read_cancelled_while_waiting_can_be_resumed() -> None:
-    async with StreamingAgent() as agent:
-        connection = AgentConnection("127.0.0.1", agent.port)
-        agent.send(STREAM_HEAD + b"5\r\nhel")
-        response = await connection.post(b"/", {}, b"{}")
-        assert response.stream is not None
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await response.stream.read()
-        agent.send(b"lo\r\n0\r\n\r\n", b"")
-        assert await response.stream.read() == b"hello"
-        assert await response.stream.read() is None
-        connection.close()
-
-
-async def test_an_agent_that_dies_mid_stream_is_an_error_and_the_connection_is_dropped() -> None:
-    async with StreamingAgent() as agent:
-        connection = AgentConnection("127.0.0.1", agent.port)
-        agent.send(STREAM_HEAD + chunk(b"partial"), b"<die>")
-        response = await connection.post(b"/", {}, b"{}")
-        assert response.stream is not None
-        assert await response.stream.read() == b"partial"
-        with pytest.raises(AgentConnectionError):
+async def test_a_read_cancelled_while_waiting_can_be_resumed(
+    agent: StreamingAgent, connection: AgentConnection
+) -> None:
+    agent.send(STREAM_HEAD + b"5\r\nhel")
+    response = await connection.post(b"/", {}, b"{}")
+    assert response.stream is not None
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
             await response.stream.read()
-        assert not connection.open
+    agent.send(b"lo\r\n" + trailers(), END)
+    assert await response.stream.read() == b"hello"
+    assert await response.stream.read() is None
 
 
-async def test_closing_an_unfinished_stream_drops_the_connection() -> None:
-    async with StreamingAgent() as agent:
-        connection = AgentConnection("127.0.0.1", agent.port)
-        agent.send(STREAM_HEAD + chunk(b"one"))
-        response = await connection.post(b"/", {}, b"{}")
-        assert response.stream is not None
-        assert await response.stream.read() == b"one"
-        response.stream.close()
-        assert not connection.open
-        assert await response.stream.read() is None
+async def test_an_agent_that_dies_mid_stream_is_an_error_and_the_connection_is_dropped(
+    agent: StreamingAgent, connection: AgentConnection
+) -> None:
+    agent.send(STREAM_HEAD + chunk(b"partial"), DIE)
+    response = await connection.post(b"/", {}, b"{}")
+    assert response.stream is not None
+    assert await response.stream.read() == b"partial"
+    with pytest.raises(AgentConnectionError):
+        await response.stream.read()
+    assert not connection.open
+
+
+async def test_closing_an_unfinished_stream_drops_the_connection(
+    agent: StreamingAgent, connection: AgentConnection
+) -> None:
+    agent.send(STREAM_HEAD + chunk(b"one"))
+    response = await connection.post(b"/", {}, b"{}")
+    assert response.stream is not None
+    assert await response.stream.read() == b"one"
+    response.stream.close()
+    assert not connection.open
+    assert await response.stream.read() is None
 
 
 async def test_a_chunked_answer_without_the_stream_marker_is_buffered() -> None:
-    plain = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(b"a") + chunk(b"b") + b"0\r\n\r\n"
+    plain = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(b"a") + chunk(b"b") + trailers()
     async with RawServer(lambda request: plain) as server:
         connection = AgentConnection("127.0.0.1", server.port)
         response = await connection.post(b"/", {}, b"{}")

@@ -1,9 +1,12 @@
 """The dispatcher: admission (reserved and platform limits), the bounded wait queue, one invocation per
-environment, reuse, start failures — with a five-line fake backend and an in-process fake agent."""
+environment, reuse, start failures — with a five-line fake backend and an in-process fake agent; streamed
+responses passed on as they arrive, holding their environment and concurrency until they end, buffered
+by ``invoke`` up to the response limit, drained when abandoned."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -12,14 +15,17 @@ from typing import Any
 import pytest
 from aiohttp import web
 from gateway_loop_support import no_blocking
+from gateway_stream_support import DIE, END, STREAM_HEAD, StreamingAgent, chunk, trailers
+from lambdalet_gateway import dispatcher as dispatcher_module
 from lambdalet_gateway.backend import Environment, EnvironmentId, StartError
-from lambdalet_gateway.dispatcher import Dispatcher
+from lambdalet_gateway.dispatcher import Dispatcher, StreamedResult
 from lambdalet_gateway.errors import (
     ACCOUNT_LIMIT,
     RATE_LIMIT,
     RESERVED_LIMIT,
     ResourceNotFound,
     ResourceNotReady,
+    ServiceError,
     Throttled,
 )
 from lambdalet_gateway.metrics import Metrics
@@ -317,3 +323,155 @@ async def test_provisioned_environments_start_without_invocations(backend: FakeB
     finally:
         await dispatcher.close()
         await session.close()
+
+
+# ---- streamed responses -----------------------------------------------------------------------------
+
+
+@dataclass
+class StreamBackend:
+    """Environments that are fake agents answering in the streamed-response format (``agent.pieces``)."""
+
+    agent: StreamingAgent = field(default_factory=StreamingAgent)
+    stopped: list[Environment] = field(default_factory=list)
+
+    async def start(self, function: Function, *, provisioned: bool) -> Environment:
+        port = await self.agent.listen()
+        env_id = EnvironmentId(f"{function.name}-{len(self.agent.servers)}")
+        return Environment(env_id, function.name, f"http://127.0.0.1:{port}", provisioned)
+
+    async def stop(self, environment: Environment) -> None:
+        self.stopped.append(environment)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def streams() -> AsyncIterator[StreamBackend]:
+    backend = StreamBackend()
+    yield backend
+    await backend.agent.close()
+
+
+async def stream_dispatcher(backend: StreamBackend, *functions: Function) -> Dispatcher:
+    dispatcher = Dispatcher(backend, Settings(), Metrics())
+    dispatcher.set_functions({f.name: f for f in functions})
+    return dispatcher
+
+
+async def test_a_stream_is_passed_on_as_it_arrives_and_holds_its_environment(streams: StreamBackend) -> None:
+    dispatcher = await stream_dispatcher(streams, function())
+    try:
+        streams.agent.send(STREAM_HEAD + chunk(b"one "))
+        result = await dispatcher.invoke_stream("fn", b"{}", request_id="r1")
+        assert isinstance(result, StreamedResult)
+        assert result.content_type == "text/plain"
+        assert await anext(result) == b"one "
+        assert dispatcher.snapshots()[0].busy == 1
+        streams.agent.send(chunk(b"two"))
+        assert await anext(result) == b"two"
+        streams.agent.send(trailers(X_Lambdalet_Duration_Ms="7.5", X_Amz_Log_Result="bG9n"))
+        streams.agent.send(END)
+        assert [piece async for piece in result] == []
+        result.close()
+        assert result.function_error is None
+        assert result.duration_ms == 7.5
+        assert result.log_result == "bG9n"
+        snapshot = dispatcher.snapshots()[0]
+        assert (snapshot.busy, snapshot.idle, snapshot.in_flight) == (0, 1, 0)
+    finally:
+        await dispatcher.close()
+
+
+async def test_an_error_after_the_first_bytes_is_a_function_error(streams: StreamBackend) -> None:
+    error = {"errorType": "Error", "errorMessage": "midway", "trace": []}
+    encoded = base64.b64encode(json.dumps(error).encode()).decode()
+    dispatcher = await stream_dispatcher(streams, function())
+    try:
+        streams.agent.send(
+            STREAM_HEAD
+            + chunk(b"partial")
+            + trailers(Lambda_Runtime_Function_Error_Type="Error", Lambda_Runtime_Function_Error_Body=encoded)
+        )
+        streams.agent.send(END)
+        result = await dispatcher.invoke_stream("fn", b"{}", request_id="r1")
+        assert isinstance(result, StreamedResult)
+        assert [piece async for piece in result] == [b"partial"]
+        assert result.function_error == "Unhandled"
+        assert result.error is not None and json.loads(result.error) == error
+        # the same through invoke (Lambda's Invoke of a streaming function): a function error
+        streams.agent.send(
+            STREAM_HEAD + chunk(b"partial") + trailers(Lambda_Runtime_Function_Error_Type="Sandbox.Timedout")
+        )
+        streams.agent.send(END)
+        buffered = await dispatcher.invoke("fn", b"{}", request_id="r2")
+        assert buffered.function_error == "Unhandled"
+        assert json.loads(buffered.payload) == {"errorType": "Sandbox.Timedout", "errorMessage": "Sandbox.Timedout"}
+    finally:
+        await dispatcher.close()
+
+
+async def test_invoke_buffers_a_stream_up_to_the_response_limit(
+    streams: StreamBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dispatcher = await stream_dispatcher(streams, function())
+    try:
+        streams.agent.send(STREAM_HEAD + chunk(b"ab") + chunk(b"cd") + trailers())
+        streams.agent.send(END)
+        result = await dispatcher.invoke("fn", b"{}", request_id="r1")
+        assert (result.payload, result.content_type, result.function_error) == (b"abcd", "text/plain", None)
+        monkeypatch.setattr(dispatcher_module, "MAX_BUFFERED_RESPONSE", 3)
+        streams.agent.send(STREAM_HEAD + chunk(b"ab") + chunk(b"cd"))
+        oversized = await dispatcher.invoke("fn", b"{}", request_id="r2")
+        assert oversized.function_error == "Unhandled"
+        assert json.loads(oversized.payload)["errorType"] == "Function.ResponseSizeTooLarge"
+        # the rest of the stream is drained; the environment is free once the function ends
+        assert dispatcher.snapshots()[0].busy == 1
+        streams.agent.send(chunk(b"ef") + trailers())
+        streams.agent.send(END)
+        await until(lambda: dispatcher.snapshots()[0].idle == 1)
+        assert dispatcher.snapshots()[0].in_flight == 0
+    finally:
+        await dispatcher.close()
+
+
+async def test_an_open_stream_counts_against_concurrency_until_it_ends(streams: StreamBackend) -> None:
+    dispatcher = await stream_dispatcher(streams, function(reservedConcurrency=1))
+    try:
+        streams.agent.send(STREAM_HEAD + chunk(b"x"))
+        result = await dispatcher.invoke_stream("fn", b"{}", request_id="r1")
+        assert isinstance(result, StreamedResult)
+        with pytest.raises(Throttled):
+            await dispatcher.invoke_stream("fn", b"{}", request_id="r2")
+        result.close()  # the caller went away: the stream is drained in the background
+        with pytest.raises(Throttled):
+            await dispatcher.invoke_stream("fn", b"{}", request_id="r3")
+        streams.agent.send(trailers())
+        streams.agent.send(END)
+        await until(lambda: dispatcher.snapshots()[0].in_flight == 0)
+        streams.agent.send(STREAM_HEAD + chunk(b"y") + trailers())
+        streams.agent.send(END)
+        assert (await dispatcher.invoke("fn", b"{}", request_id="r4")).payload == b"y"
+        assert len(streams.agent.requests) == 2
+    finally:
+        await dispatcher.close()
+
+
+async def test_an_environment_that_dies_mid_stream_is_a_failure_and_is_replaced(streams: StreamBackend) -> None:
+    dispatcher = await stream_dispatcher(streams, function())
+    try:
+        streams.agent.send(STREAM_HEAD + chunk(b"x"))
+        streams.agent.send(DIE)
+        result = await dispatcher.invoke_stream("fn", b"{}", request_id="r1")
+        assert isinstance(result, StreamedResult)
+        assert [piece async for piece in result] == [b"x"]
+        assert result.failure is not None and "mid-stream" in result.failure
+        await until(lambda: len(streams.stopped) == 1)
+        assert dispatcher.snapshots()[0].in_flight == 0
+        streams.agent.send(STREAM_HEAD + chunk(b"y"))
+        streams.agent.send(DIE)
+        with pytest.raises(ServiceError):
+            await dispatcher.invoke("fn", b"{}", request_id="r2")
+    finally:
+        await dispatcher.close()
