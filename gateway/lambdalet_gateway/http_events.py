@@ -1,5 +1,11 @@
 """HTTP requests as API Gateway HTTP API / Function URL events (payload format 2.0), and results back.
 
+A function that streams its response with the HTTP integration content type
+(:data:`HTTP_INTEGRATION_TYPE`, as ``awslambda.HttpResponseStream.from`` writes it) sends a JSON prelude
+(``statusCode``, ``headers``, ``cookies``), eight NUL bytes, then the body: :func:`split_prelude` and
+:func:`map_prelude` turn its first bytes into the response head, as Lambda function URLs do in
+``RESPONSE_STREAM`` mode.
+
 Pure: plain values in, plain values out; the aiohttp handler in ``app`` does the I/O.
 """
 
@@ -25,6 +31,11 @@ _TEXT_TYPES = (
     "application/graphql",
 )
 _TEXT_SUFFIXES = ("+json", "+xml")
+#: The content type of a streamed response that starts with an HTTP prelude.
+HTTP_INTEGRATION_TYPE = "application/vnd.awslambda.http-integration-response"
+#: The prelude and its delimiter must arrive within this many bytes.
+PRELUDE_LIMIT = 16 * 1024
+_DELIMITER = b"\0" * 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,3 +198,33 @@ def _header_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def is_http_integration(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == HTTP_INTEGRATION_TYPE
+
+
+def split_prelude(head: bytes) -> tuple[bytes, bytes] | None:
+    """``(prelude, first body bytes)`` once the delimiter is in ``head`` (the stream's first bytes), else
+    ``None``; :class:`BadFunctionResponse` when it is not within :data:`PRELUDE_LIMIT` bytes."""
+    end = head.find(_DELIMITER)
+    if end < 0:
+        if len(head) >= PRELUDE_LIMIT + len(_DELIMITER):
+            raise BadFunctionResponse(f"no HTTP response prelude within the first {PRELUDE_LIMIT} bytes")
+        return None
+    if end > PRELUDE_LIMIT:
+        raise BadFunctionResponse(f"the HTTP response prelude is over {PRELUDE_LIMIT} bytes")
+    return head[:end], head[end + len(_DELIMITER) :]
+
+
+def map_prelude(prelude: bytes) -> HttpResponse:
+    """The status and headers (``Set-Cookie`` one per cookie) of a streamed HTTP response; no body."""
+    try:
+        value = json.loads(prelude) if prelude.strip() else {}
+    except ValueError:
+        raise BadFunctionResponse("the HTTP response prelude is not JSON") from None
+    if not isinstance(value, dict):
+        raise BadFunctionResponse("the HTTP response prelude must be a JSON object")
+    value = {key: item for key, item in value.items() if key not in {"body", "isBase64Encoded"}}
+    value.setdefault("statusCode", 200)
+    return _structured(value)

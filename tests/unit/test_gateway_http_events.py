@@ -1,4 +1,5 @@
-"""HTTP requests as payload format 2.0 events and function results as HTTP responses (pure mapping)."""
+"""HTTP requests as payload format 2.0 events and function results as HTTP responses (pure mapping),
+including the prelude of a streamed HTTP response."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import base64
 import json
 
 import pytest
-from lambdalet_gateway.http_events import BadFunctionResponse, HttpRequest, build_event, map_result
+from lambdalet_gateway.http_events import (
+    BadFunctionResponse,
+    HttpRequest,
+    build_event,
+    is_http_integration,
+    map_prelude,
+    map_result,
+    split_prelude,
+)
 
 
 def request(**changes: object) -> HttpRequest:
@@ -119,3 +128,51 @@ def test_structured_result() -> None:
 def test_unusable_results(payload: bytes) -> None:
     with pytest.raises(BadFunctionResponse):
         map_result(payload)
+
+
+# ---- streamed responses with an HTTP prelude ---------------------------------------------------------
+
+
+def test_a_prelude_gives_status_headers_and_cookies() -> None:
+    prelude = json.dumps(
+        {"statusCode": 201, "headers": {"Content-Type": "text/plain", "X-A": "1"}, "cookies": ["a=1", "b=2; Path=/"]}
+    ).encode()
+    assert split_prelude(prelude + b"\0" * 8 + b"body") == (prelude, b"body")
+    mapped = map_prelude(prelude)
+    assert mapped.status == 201
+    assert mapped.headers == [
+        ("Content-Type", "text/plain"),
+        ("X-A", "1"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2; Path=/"),
+    ]
+    assert mapped.body == b""
+
+
+def test_a_prelude_may_leave_out_the_status() -> None:
+    assert map_prelude(b'{"headers": {"x": "y"}}').status == 200
+    assert map_prelude(b"").status == 200
+
+
+def test_the_prelude_arrives_in_pieces_within_16_kb() -> None:
+    assert split_prelude(b'{"statusCode": 2') is None
+    assert split_prelude(b'{"statusCode": 200}\0\0\0') is None
+    with pytest.raises(BadFunctionResponse, match="16384"):
+        split_prelude(b"x" * (16 * 1024 + 8))
+    with pytest.raises(BadFunctionResponse, match="16384"):
+        split_prelude(b" " * (16 * 1024 + 1) + b"\0" * 8)
+
+
+@pytest.mark.parametrize(
+    ("prelude", "problem"),
+    [(b"not json", "not JSON"), (b"[1]", "JSON object"), (b'{"statusCode": 99}', "statusCode")],
+)
+def test_a_bad_prelude_is_named(prelude: bytes, problem: str) -> None:
+    with pytest.raises(BadFunctionResponse, match=problem):
+        map_prelude(prelude)
+
+
+def test_the_http_integration_content_type() -> None:
+    assert is_http_integration("application/vnd.awslambda.http-integration-response")
+    assert is_http_integration("Application/vnd.awslambda.http-integration-response; charset=utf-8")
+    assert not is_http_integration("text/plain")
