@@ -3,7 +3,8 @@
 Shared objects live under typed ``web.AppKey``s; their lifecycle is one ``cleanup_ctx`` (HTTP client
 session, backend, dispatcher, manifest registry, autoscaler task). Routes:
 
-- Lambda Invoke API ``POST /2015-03-31/functions/{name}/invocations``;
+- Lambda Invoke API ``POST /2015-03-31/functions/{name}/invocations`` and InvokeWithResponseStream
+  ``POST /2021-11-15/functions/{name}/response-streaming-invocations``;
 - the read-only control plane ``GET /2015-03-31/functions/``, ``.../{name}``, ``.../{name}/configuration``;
 - HTTP routes ``ANY /fn/{name}`` and ``/fn/{name}/{path}`` (payload format 2.0);
 - ``/metrics``, ``/healthz``, ``/readyz``; ``/lambdalet/v1/status`` and
@@ -29,7 +30,7 @@ from .asyncq.gateway import lifecycle as async_lifecycle
 from .backend import Backend, LostCallback
 from .dispatcher import LATEST, Dispatcher
 from .errors import MAX_SYNC_PAYLOAD, InvalidParameterValue, LambdaError, not_found
-from .invoke import DISPATCHER, http_route, invoke
+from .invoke import DISPATCHER, http_route, invoke, invoke_with_response_stream
 from .kube import FunctionSource
 from .local import LocalBackend
 from .logs import LogStore
@@ -184,6 +185,7 @@ def create_app(settings: Settings, *, backend_factory: BackendFactory = default_
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(async_lifecycle)  # after the dispatcher: the async queue and its worker
     app.router.add_post("/2015-03-31/functions/{name}/invocations", invoke)
+    app.router.add_post("/2021-11-15/functions/{name}/response-streaming-invocations", invoke_with_response_stream)
     app.router.add_get("/2015-03-31/functions/", list_functions)
     app.router.add_get("/2015-03-31/functions", list_functions)
     app.router.add_get("/2015-03-31/functions/{name}", get_function)
