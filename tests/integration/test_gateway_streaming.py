@@ -14,6 +14,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -334,3 +337,34 @@ def test_a_caller_that_goes_away_mid_stream_frees_the_environment_when_the_funct
     wait_for(lambda: gateway.environments("gated-drop") == {"idle": 1, "busy": 0, "starting": 0}, what="idle")
     response = client.invoke(FunctionName="gated-drop", Payload=json.dumps({"signal": str(signal)}).encode())
     assert response["Payload"].read() == b"firstsecond"
+
+
+def test_the_aws_cli_invokes_a_streaming_function(gateway: RunningGateway, tmp_path: Path) -> None:
+    """AWS's CLI has no ``invoke-with-response-stream`` command (neither v1 nor v2 offers the operation),
+    so it calls a streaming function through ``invoke``: the whole stream, or the function error."""
+    aws = Path(sys.executable).parent / "aws"
+    env = os.environ | {
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_PAGER": "",
+    }
+    command = [str(aws), "lambda", "invoke", "--function-name", "stream-node", "--endpoint-url", gateway.url]
+    command += ["--output", "json"]
+    outputs: list[tuple[dict[str, Any], bytes]] = []
+    for payload in ('{"chunks": 2, "delayMs": 10}', '{"delayMs": 10, "failAt": 2}'):
+        out = tmp_path / f"out{len(outputs)}"
+        done = subprocess.run(
+            [*command, "--payload", payload, str(out)],
+            capture_output=True,
+            env=env,
+            check=True,
+            timeout=60,
+        )
+        outputs.append((json.loads(done.stdout), out.read_bytes()))
+    (ok_meta, ok_body), (error_meta, error_body) = outputs
+    assert ok_meta["StatusCode"] == 200
+    assert "FunctionError" not in ok_meta
+    assert ok_body == b"chunk 1 of 2\nchunk 2 of 2\n"
+    assert error_meta["FunctionError"] == "Unhandled"
+    assert json.loads(error_body)["errorMessage"] == "failed after chunk 2"
