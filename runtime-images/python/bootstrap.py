@@ -164,7 +164,10 @@ class RuntimeClient:
 
     def init_error(self, error: dict[str, object]) -> None:
         headers = {"Content-Type": ERROR_CONTENT_TYPE, ERROR_TYPE_HEADER: str(error["errorType"])}
-        self._post("/init/error", _encode(error).encode(), headers)
+        status, _, data = self._request("POST", "/init/error", _encode(error).encode(), headers)
+        # 403: another worker of this runtime (AWS_LAMBDA_MAX_CONCURRENCY > 1) reported its init error first.
+        if status not in (202, 403):
+            print(f"Runtime API /init/error: {status} {data.decode(errors='replace')}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------- context
@@ -398,14 +401,8 @@ def handle(client: RuntimeClient, handler: object, body: bytes, headers: Headers
     client.fail(request_id, error)
 
 
-def main() -> int:
-    # Unbuffered output: the agent frames the function's lines per invocation as they arrive.
-    sys.stdout = io.TextIOWrapper(
-        io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
-    )
-    sys.stderr = io.TextIOWrapper(
-        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
-    )
+def _serve() -> int:
+    """Init (import the handler), then loop on ``/next``; returns only after an init error."""
     client = RuntimeClient(os.environ["AWS_LAMBDA_RUNTIME_API"])
     task_root = os.environ.get("LAMBDA_TASK_ROOT") or os.getcwd()
     # The function's code, not this file's folder, comes first on the import path.
@@ -426,6 +423,83 @@ def main() -> int:
     while True:
         body, headers = client.next()
         handle(client, handler, body, headers)
+
+
+# ---------------------------------------------------------------------------------------- concurrency
+
+
+def worker_count(environ: dict[str, str] | os._Environ[str]) -> int:
+    """``AWS_LAMBDA_MAX_CONCURRENCY`` (Lambda Managed Instances): how many invocations run at once."""
+    text = environ.get("AWS_LAMBDA_MAX_CONCURRENCY", "").strip()
+    if not text:
+        return 1
+    if not text.isdigit() or int(text) < 1:
+        raise SystemExit(f"AWS_LAMBDA_MAX_CONCURRENCY={text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _worker() -> None:
+    """A forked worker: serve until the loop ends, then leave without returning into the parent's code."""
+    code = 1
+    try:
+        code = _serve()
+    except SystemExit as exc:
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is None:
+            code = 0
+        else:
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def supervise(workers: int) -> int:
+    """Run ``workers`` processes that each init and loop on ``/next`` (AWS's Python runtime does the same
+    under Lambda Managed Instances: one process per concurrent invocation, so handlers need not be
+    thread-safe). The first worker to end ends the runtime with its status (the others are killed), so
+    the platform sees a crash as the runtime exiting, as it would with one process."""
+    import signal
+
+    children = set()
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            _worker()
+        children.add(pid)
+    pid, status = os.wait()
+    children.discard(pid)
+    for child in children:
+        os.kill(child, signal.SIGKILL)
+    for child in children:
+        os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:  # killed by a signal: end the same way
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
+def main() -> int:
+    workers = worker_count(os.environ)
+    # Unbuffered output: the agent frames the function's lines per invocation as they arrive. Several
+    # workers share the pipe: each line is then written with one write() so lines never interleave.
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = io.TextIOWrapper(
+            io.FileIO(fd, "w", closefd=False),
+            encoding="utf-8",
+            errors="backslashreplace",
+            write_through=workers == 1,
+            line_buffering=workers > 1,
+        )
+        setattr(sys, name, stream)
+    if workers > 1:
+        return supervise(workers)
+    return _serve()
 
 
 if __name__ == "__main__":
