@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httptools
 from lambdalet_agent.agent import Agent
 from lambdalet_agent.memory import MemoryLimiter
 from lambdalet_agent.settings import from_args
@@ -91,6 +92,7 @@ async def running_agent(
     args: Sequence[str] = (),
     init_timeout_s: float | None = None,
     limiter: MemoryLimiter | None = None,
+    stream_response_limit: int | None = None,
 ) -> AsyncIterator[RunningAgent]:
     argv = ["--code", str(code), "--port", "0", "--timeout", str(timeout_s), "--memory", str(memory), *args]
     if handler:
@@ -102,6 +104,8 @@ async def running_agent(
     settings = from_args(argv, {})
     if init_timeout_s is not None:
         settings = dataclasses.replace(settings, init_timeout_s=init_timeout_s)
+    if stream_response_limit is not None:
+        settings = dataclasses.replace(settings, stream_response_limit=stream_response_limit)
     out = io.BytesIO()
     agent = Agent(settings, environ=os.environ, out=out, limiter=limiter)
     await agent.start()
@@ -180,3 +184,103 @@ async def running_rie(
     finally:
         process.kill()
         await process.wait()
+
+
+# ------------------------------------------------------------------------------------ raw HTTP
+
+
+@dataclass
+class Exchange:
+    """One HTTP response as it arrived: status, headers and trailers (lower-case names), the body's pieces
+    in the order they were parsed (``on_body`` calls: one per chunk when the chunks came apart)."""
+
+    status: int = 0
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    trailers: dict[str, str] = dataclasses.field(default_factory=dict)
+    pieces: list[bytes] = dataclasses.field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+class ResponseReader:
+    """Reads HTTP/1.1 responses (pipelined ones too) from a stream, trailers included."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._done: list[Exchange] = []
+        self._current = Exchange()
+        self._in_head = True
+        self._parser = httptools.HttpResponseParser(self)
+        self.first_piece = asyncio.Event()
+
+    def on_message_begin(self) -> None:
+        self._current = Exchange()
+        self._in_head = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        fields = self._current.headers if self._in_head else self._current.trailers
+        fields[name.decode().lower()] = value.decode()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._current.status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self._current.pieces.append(body)
+        self.first_piece.set()
+
+    def on_message_complete(self) -> None:
+        self._current.complete = True
+        self._done.append(self._current)
+
+    async def next(self, *, head: bool = False) -> Exchange:
+        """The next complete response (``head``: the answer to a HEAD request, which has no body)."""
+        while not self._done:
+            data = await self._reader.read(65536)
+            if not data:
+                raise ConnectionError(f"connection closed before a complete response: {self._current}")
+            self._parser.feed_data(data)
+            if head and not self._done and not self._in_head:
+                self._current.complete = True
+                self._done.append(self._current)
+                self._parser = httptools.HttpResponseParser(self)
+        return self._done.pop(0)
+
+    async def started(self) -> Exchange:
+        """The response being received once its head is in (for streamed bodies)."""
+        while self._in_head and not self._done:
+            data = await self._reader.read(65536)
+            if not data:
+                raise ConnectionError("connection closed before the response head")
+            self._parser.feed_data(data)
+        return self._done[0] if self._done else self._current
+
+    async def pump(self) -> None:
+        """Read one more piece of input into the current response."""
+        data = await self._reader.read(65536)
+        if not data:
+            raise ConnectionError("connection closed")
+        self._parser.feed_data(data)
+
+
+@contextlib.asynccontextmanager
+async def connection(address: str) -> AsyncIterator[tuple[asyncio.StreamWriter, ResponseReader]]:
+    """A raw TCP connection to ``host:port``: write bytes, read parsed responses."""
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        yield writer, ResponseReader(reader)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def invoke_request(payload: bytes = b"{}", headers: dict[str, str] | None = None) -> bytes:
+    """A raw invoke request for the agent's invoke endpoint."""
+    fields = {"Host": "agent", "Content-Length": str(len(payload)), **(headers or {})}
+    head = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+    return f"POST {INVOKE_PATH} HTTP/1.1\r\n{head}\r\n".encode() + payload
