@@ -31,7 +31,8 @@ import { existsSync } from 'node:fs';
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // Writes "first", waits until the file named by `signal` exists, writes "second" and ends; `fail`
-// throws after the signal, `hang` never ends. Called through an HTTP route, it answers with a prelude.
+// throws after the signal, `hang` never ends, `exit` ends the runtime's process. Called through an
+// HTTP route, it answers with a prelude.
 export const handler = awslambda.streamifyResponse(async (event, responseStream) => {
   const query = event.queryStringParameters;
   const options = query ?? event;
@@ -48,6 +49,7 @@ export const handler = awslambda.streamifyResponse(async (event, responseStream)
   stream.write('first');
   while (!existsSync(options.signal)) await sleep(10);
   if (options.hang) await sleep(1e9);
+  if (options.exit) process.exit(3);
   stream.write('second');
   if (options.fail) throw new Error('failed after the signal');
   stream.end();
@@ -156,6 +158,19 @@ def test_a_timeout_mid_stream_completes_with_sandbox_timedout(gateway: RunningGa
         {"PayloadChunk": {"Payload": b"first"}},
         {"PayloadChunk": {"Payload": b"second"}},
     ]
+
+
+def test_a_crash_mid_stream_completes_with_runtime_exit_error(gateway: RunningGateway, signal: Path) -> None:
+    _, events = stream(gateway, "gated", {"signal": str(signal), "exit": True})
+    assert next(events) == {"PayloadChunk": {"Payload": b"first"}}
+    signal.touch()
+    received = list(events)
+    assert len(received) == 1
+    complete = received[0]["InvokeComplete"]
+    assert complete["ErrorCode"] == "Runtime.ExitError"
+    assert "exit status 3" in complete["ErrorDetails"]
+    _, events = stream(gateway, "gated", {"signal": str(signal)})
+    assert list(events)[-1] == {"InvokeComplete": {}}
 
 
 def test_the_log_tail_comes_with_invoke_complete(gateway: RunningGateway) -> None:
