@@ -64,6 +64,15 @@ export const handler = awslambda.streamifyResponse(async (event, stream) => {
 });
 """
 
+CONTEXT = """
+// Streams what the invocation carried: the client context and the invoked ARN.
+export const handler = awslambda.streamifyResponse(async (event, stream, context) => {
+  stream.write(JSON.stringify({ custom: context.clientContext?.custom ?? null }));
+  stream.write(JSON.stringify({ arn: context.invokedFunctionArn }));
+  stream.end();
+});
+"""
+
 RAISES = """
 def handler(event, context):
     raise ValueError("boom " + str(event.get("n")))
@@ -85,6 +94,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway
     write_function(manifests, "gated-drop", {"index.mjs": GATED}, **node(timeoutSeconds=30, reservedConcurrency=1))
     write_function(manifests, "big", {"index.mjs": BIG}, **node(memoryMB=256, timeoutSeconds=30))
     write_function(manifests, "raises", {"app.py": RAISES})
+    write_function(manifests, "context", {"index.mjs": CONTEXT}, **node())
     write_function(manifests, "never", {"index.mjs": GATED}, **node(reservedConcurrency=0))
     with running_gateway([EXAMPLES / "stream-node", EXAMPLES / "hello", manifests], tmp) as gw:
         yield gw
@@ -180,6 +190,17 @@ def test_the_log_tail_comes_with_invoke_complete(gateway: RunningGateway) -> Non
     request_id = response["ResponseMetadata"]["RequestId"]
     assert f"START RequestId: {request_id}" in log
     assert f"REPORT RequestId: {request_id}" in log
+
+
+def test_client_context_and_qualifier_reach_the_function(gateway: RunningGateway) -> None:
+    context = base64.b64encode(json.dumps({"custom": {"k": "v"}}).encode()).decode()
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:context"
+    _, events = stream(gateway, "context", {}, ClientContext=context, Qualifier="$LATEST")
+    assert list(events) == [
+        {"PayloadChunk": {"Payload": b'{"custom":{"k":"v"}}'}},
+        {"PayloadChunk": {"Payload": json.dumps({"arn": arn + ":$LATEST"}, separators=(",", ":")).encode()}},
+        {"InvokeComplete": {}},
+    ]
 
 
 def test_a_function_that_does_not_stream_is_one_chunk(gateway: RunningGateway) -> None:
