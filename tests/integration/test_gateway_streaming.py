@@ -15,6 +15,7 @@ import base64
 import http.client
 import json
 import os
+import signal as signal_module
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -92,6 +93,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway
     write_function(manifests, "gated-short", {"index.mjs": GATED}, **node(timeoutSeconds=1))
     write_function(manifests, "gated-one", {"index.mjs": GATED}, **node(timeoutSeconds=30, reservedConcurrency=1))
     write_function(manifests, "gated-drop", {"index.mjs": GATED}, **node(timeoutSeconds=30, reservedConcurrency=1))
+    write_function(manifests, "gated-kill", {"index.mjs": GATED}, **node(timeoutSeconds=30))
     write_function(manifests, "big", {"index.mjs": BIG}, **node(memoryMB=256, timeoutSeconds=30))
     write_function(manifests, "raises", {"app.py": RAISES})
     write_function(manifests, "context", {"index.mjs": CONTEXT}, **node())
@@ -180,6 +182,21 @@ def test_a_crash_mid_stream_completes_with_runtime_exit_error(gateway: RunningGa
     assert complete["ErrorCode"] == "Runtime.ExitError"
     assert "exit status 3" in complete["ErrorDetails"]
     _, events = stream(gateway, "gated", {"signal": str(signal)})
+    assert list(events)[-1] == {"InvokeComplete": {}}
+
+
+def test_an_environment_that_dies_mid_stream_completes_with_a_service_exception(
+    gateway: RunningGateway, signal: Path
+) -> None:
+    _, events = stream(gateway, "gated-kill", {"signal": str(signal)})
+    assert next(events) == {"PayloadChunk": {"Payload": b"first"}}
+    (agent,) = gateway.agent_pids("gated-kill")
+    os.kill(agent, signal_module.SIGKILL)
+    (complete,) = list(events)
+    assert complete["InvokeComplete"]["ErrorCode"] == "ServiceException"
+    assert "mid-stream" in complete["InvokeComplete"]["ErrorDetails"]
+    signal.touch()
+    _, events = stream(gateway, "gated-kill", {"signal": str(signal)})  # a new environment
     assert list(events)[-1] == {"InvokeComplete": {}}
 
 
