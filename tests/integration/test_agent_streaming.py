@@ -343,3 +343,21 @@ async def test_nodejs_streams_end_the_same_through_our_bootstrap_and_aws_lambda_
     expected_error = None if error_type is None else (error_type, message)
     assert seen[0] == (200, "1", expected_body, error_type, expected_error, False)
     assert seen[1] == seen[0]
+
+
+async def test_a_slow_invoker_slows_the_runtime_down_and_gets_every_byte() -> None:
+    async with running_agent(command=_streaming_runtime(), runtime=None, timeout_s=30) as agent:
+        async with connection(_invoke_address(agent)) as (invoker, responses):
+            invoker.write(invoke_request(json.dumps({"action": "big", "pieces": 320}).encode()))  # 20 MiB
+            await responses.started()
+            await asyncio.sleep(0.5)  # not reading: the agent stops reading the runtime's stream
+            assert "posted" not in agent.logs()
+            result = await responses.next()
+            # The connection serves the next invocation after a streamed one.
+            invoker.write(invoke_request(b"{}"))
+            after = await responses.next()
+        logs = agent.logs()
+    assert result.body == b"partial" + b"x" * 65536 * 320 + b" done"
+    assert "lambda-runtime-function-error-type" not in result.trailers
+    assert 'posted 202 {"status":"OK"}' in logs
+    assert after.body == b"partial done"
