@@ -12,9 +12,10 @@ is busy until that stream has been read to its end (or closed, which drops the c
 
 Nothing is ever sent twice: once a request is written, any failure is the caller's error (the agent may
 have started the invocation). To keep that safe, a connection is not reused once the agent has closed it
-or once it has been idle for ``MAX_IDLE_S`` — well under the agent's keep-alive timeout (aiohttp's 75 s),
-so the agent never closes a connection at the moment a request is written to it. Failing to *connect*
-raises ``OSError`` before a byte is sent.
+or once it has been idle for ``MAX_IDLE_S`` — well under any keep-alive timeout an agent may have (the
+agent's own server closes no idle connection; aiohttp's default is 75 s), so the agent never closes a
+connection at the moment a request is written to it. Failing to *connect* raises ``OSError`` before a
+byte is sent.
 """
 
 from __future__ import annotations
