@@ -78,6 +78,18 @@ async def test_context_object_and_trace_id() -> None:
     assert ctx["trace_id"] == headers["X-Amzn-Trace-Id"]
 
 
+async def test_a_pretty_printed_client_context_reaches_the_handler() -> None:
+    # The decoded context travels to the runtime in a header: its line breaks must not break the request.
+    pretty = base64.b64encode(json.dumps({"custom": {"k": "v ✓"}}, indent=2).encode()).decode()
+    not_json = base64.b64encode(b"{\nnot json").decode()
+    async with running_agent("app.context") as agent:
+        result = await agent.invoke({}, headers={"X-Amz-Client-Context": pretty})
+        refused = await agent.invoke({}, headers={"X-Amz-Client-Context": not_json})
+    assert result.json()["client_context_custom"] == {"k": "v ✓"}
+    assert refused.status == 400
+    assert refused.json()["message"] == "Client context must be a valid Base64-encoded JSON object."
+
+
 async def test_default_invoked_arn_and_lambda_environment() -> None:
     names = [
         "_HANDLER",

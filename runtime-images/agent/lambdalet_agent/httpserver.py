@@ -554,7 +554,16 @@ class Connection(asyncio.Protocol):
             payload = b"" if request.method == "HEAD" else response.body
             if not keep:
                 response.headers["Connection"] = "close"
-            self.write(self._head(response.status, response.headers, len(response.body)) + payload)
+            try:
+                head = self._head(response.status, response.headers, len(response.body))
+            except ValueError:  # a header value with CR/LF: never sent as is
+                log.exception("%s %s: unsendable response header", request.method, request.path)
+                response = text(500, "500 Internal Server Error")
+                response.headers["Connection"] = "close"
+                keep = False
+                payload = response.body
+                head = self._head(500, response.headers, len(payload))
+            self.write(head + payload)
         else:
             stream = request.streaming
             if stream is None or not stream.ended:

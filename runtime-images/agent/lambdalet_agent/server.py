@@ -331,7 +331,10 @@ def invoke_handlers(env: Environment) -> Router:
         if raw_context:
             try:
                 client_context = base64.b64decode(raw_context, validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
+                if "\n" in client_context or "\r" in client_context:
+                    # Pretty-printed JSON: compacted, as it travels in a header (Lambda-Runtime-Client-Context).
+                    client_context = json.dumps(json.loads(client_context), separators=(",", ":"))
+            except (binascii.Error, UnicodeDecodeError, ValueError):
                 return _invoke_error(
                     400,
                     "InvalidRequestContentException",
