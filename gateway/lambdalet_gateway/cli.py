@@ -60,6 +60,11 @@ def _up(args: list[str]) -> int:
     parser.add_argument(
         "--cpu-limits", action="store_true", help="cap each environment at memoryMB/1769 of a CPU (cgroups)"
     )
+    parser.add_argument(
+        "--no-fast-start",
+        action="store_true",
+        help="spawn every agent instead of forking it from a zygote (env LAMBDALET_FAST_START=0)",
+    )
     ns = parser.parse_args(args)
     try:
         settings = Settings.from_env(os.environ)
@@ -81,6 +86,7 @@ def _up(args: list[str]) -> int:
         manifests=dirs,
         echo_logs=not ns.quiet,
         cpu_limits=True if ns.cpu_limits else None,
+        fast_start=False if ns.no_fast_start else None,
     )
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -30,11 +30,12 @@ import aiohttp
 from lambdalet.build import BuildError, prepare_code
 from lambdalet.spec import Function
 
+from . import standby
 from .backend import Environment, EnvironmentId, LostCallback, StartError
 from .cpu import CpuCgroups
 from .logs import LogStore
 from .settings import Settings
-from .standby import ForkServer, StandbyPool
+from .standby import ForkServer
 
 log = logging.getLogger("lambdalet.gateway.local")
 
@@ -88,16 +89,14 @@ class LocalBackend:
         self._base_env = env
         self._cpu = CpuCgroups.detect() if settings.cpu_limits else None
         self._start_slots = asyncio.Semaphore(_START_SLOTS_PER_CPU * (os.cpu_count() or 1))
-        # Agents without an interpreter start (see standby.py), opt-in: LAMBDALET_AGENT_FORK_SERVER=1 forks
-        # each from one process that imported the agent; LAMBDALET_STANDBY_AGENTS=N keeps N pre-started.
-        standby = int(os.environ.get("LAMBDALET_STANDBY_AGENTS") or 0)
-        self._standby: StandbyPool | ForkServer | None = None
-        if os.environ.get("LAMBDALET_AGENT_FORK_SERVER", "") in {"1", "true", "yes"}:
-            self._standby = ForkServer(settings.agent_python, env)
-            self._standby.start_soon()
-        elif standby > 0:
-            self._standby = StandbyPool(settings.agent_python, env, standby)
-            self._standby.fill_soon()
+        # Fast start (the default, see standby.py): agents forked from a zygote that imported the agent, with
+        # settings.standby_agents of them forked ahead; off (--no-fast-start), every agent is spawned.
+        self._zygote: ForkServer | None = None
+        if settings.fast_start and standby.supported():
+            self._zygote = ForkServer(settings.agent_python, env, settings.standby_agents)
+            self._zygote.start_soon()
+        elif settings.fast_start:
+            log.info("fast start needs Linux (pidfd, SCM_RIGHTS); every agent is spawned")
         if self._cpu is not None:
             log.info("CPU limits (memoryMB/1769 of a CPU per environment): %s", self._cpu.mechanism)
 
@@ -145,7 +144,7 @@ class LocalBackend:
         for key, value in spec.environment.variables.items():
             argv += ["--env", f"{key}={value}"]
         cgroup = await asyncio.to_thread(self._cpu.create, env_id, spec.memoryMB) if self._cpu else None
-        proc = await self._standby.take(argv[3:], str(code_dir), cgroup) if self._standby is not None else None
+        proc = await self._zygote.take(argv[3:], str(code_dir), cgroup) if self._zygote is not None else None
         if proc is None:
             if cgroup is not None:
                 # join the CPU cgroup before the agent (and the runtime it starts) runs a single instruction
@@ -323,8 +322,8 @@ class LocalBackend:
     async def close(self) -> None:
         environments = list(self._environments.values())
         await asyncio.gather(*(self.stop(env) for env in environments), return_exceptions=True)
-        if self._standby is not None:
-            await self._standby.close()
+        if self._zygote is not None:
+            await self._zygote.close()
         if self._session is not None:
             await self._session.close()
         if self._cpu is not None:

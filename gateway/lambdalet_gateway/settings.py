@@ -50,6 +50,11 @@ class Settings:
     shutdown_timeout_s: float = 5.0
     #: Cap each local environment's CPU at memoryMB/1769 of a CPU (cgroups, where allowed).
     cpu_limits: bool = False
+    #: Local agents are forked from a zygote that imported the agent (Linux), instead of each starting an
+    #: interpreter: a cold start without the interpreter's start and the agent's imports.
+    fast_start: bool = True
+    #: With fast start, agents forked ahead and kept waiting for the next cold starts.
+    standby_agents: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -77,9 +82,11 @@ class Settings:
                 raise SettingsError(f"{name} must be positive (got {value})")
             return value
 
-        def flag(name: str) -> bool:
+        def flag(name: str, default: bool = False) -> bool:
             raw = environ.get(name, "").lower()
-            if raw in {"", "0", "false", "no"}:
+            if raw == "":
+                return default
+            if raw in {"0", "false", "no"}:
                 return False
             if raw in {"1", "true", "yes"}:
                 return True
@@ -103,6 +110,9 @@ class Settings:
             state_dir=Path(state_dir) if state_dir else None,
             echo_logs=flag("LAMBDALET_ECHO_LOGS"),
             cpu_limits=flag("LAMBDALET_CPU_LIMITS"),
+            # LAMBDALET_AGENT_FORK_SERVER: the former opt-in for the same mechanism, now on by default
+            fast_start=flag("LAMBDALET_FAST_START", True) and flag("LAMBDALET_AGENT_FORK_SERVER", True),
+            standby_agents=integer("LAMBDALET_STANDBY_AGENTS", cls.standby_agents, 0),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -1,13 +1,27 @@
-"""Pre-started agent processes for the local backend: cold starts without the interpreter's own start.
+"""Fast starts for the local backend: agents forked from a zygote that already imported the agent.
 
-An agent process spends most of its start (about 0.3 s on a 2-core machine) starting Python and importing
-aiohttp. A standby is an agent process started ahead of need, with those imports done, that waits on its
-stdin for the one line telling it which environment to be: its command-line flags, its working directory
-and, when CPU limits are on, the cgroup to join first. From then on it is exactly the agent that
-``python -m lambdalet_agent FLAGS`` would have been (same code path, same environment variables: every
-agent of a backend gets the same base environment, the function's own variables travel as ``--env``
-flags). The backend takes one standby per environment it starts and starts a replacement in the
-background, a little later, so the replacement's imports do not compete with the cold start it serves.
+Starting an agent from scratch costs about 0.3 s on a 2-core machine, almost all of it the interpreter's
+start and the agent's imports. The fork server (the *zygote*) is one platform process that has done those
+imports once; every environment's agent is forked from it, so a cold start no longer pays them and the
+forked agents share the imported code's memory pages. The zygote also keeps ``spares`` agents forked ahead
+(each a process waiting for the one order that tells it which environment to be), handed to the next cold
+starts and replaced in the background a little later, so the replacement does not compete with the cold
+start it serves.
+
+An order carries the agent's command-line flags, its working directory and, when CPU limits are on, the
+cgroup to join first. A forked agent then runs exactly the code of ``python -m lambdalet_agent FLAGS``:
+every agent of a backend gets the same base environment (the function's own variables travel as ``--env``
+flags), it runs in a session (process group) of its own, its stdout and stderr are pipes read by the
+gateway, its stdin is ``/dev/null``. What it does not inherit from the zygote: the zygote's sockets and
+pipes (closed after the fork), its signal handlers (reset), the command line (rewritten to the agent's).
+
+The zygote and its spares are platform processes, not execution environments: they hold no function's code
+or settings, and a function with zero environments has no process. If the zygote dies, the agents it forked
+keep running (the gateway watches each through a pidfd, not through the zygote), its spares exit (their
+order pipe closes), the next cold start falls back to a plain spawn and the zygote is started again in the
+background.
+
+Linux only (``pidfd_open``, ``SOCK_SEQPACKET``, ``SCM_RIGHTS``); elsewhere the backend spawns every agent.
 """
 
 from __future__ import annotations
@@ -20,16 +34,35 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger("lambdalet.gateway.standby")
 
-#: Both programs below rename themselves to the agent they become.
-_SHOW_ARGV = """\
-def _show_argv(argv):
+#: Forked agents whose exit status the gateway could not learn (their zygote died before reporting it).
+UNKNOWN_STATUS = 255
+#: A spare handed out is replaced this long after (the cold start it serves goes first).
+REFILL_DELAY_S = 0.1
+#: A zygote that dies is started again at most this often (a zygote that cannot start does not loop).
+RESTART_BACKOFF_S = 1.0
+#: The first line of the zygote's program: how tests and tools tell the zygote and its spares apart.
+ZYGOTE_MARK = "# lambdalet agent zygote"
+
+#: The zygote (see the module docstring). argv: control socket fd, spares to keep, refill delay (s).
+ZYGOTE_PROGRAM = (
+    ZYGOTE_MARK
+    + """
+import gc, json, os, selectors, signal, socket, sys, time, traceback
+from lambdalet_agent import cli
+
+# what is imported now stays shared with every forked agent: keep the collector from touching (copying) it
+gc.freeze()
+
+
+def show_argv(argv):
     # Rewrite this process's command line in place (/proc/self/mem over the argv area), so ps and anything
-    # reading /proc/<pid>/cmdline see the agent it became, not the program that started it.
+    # reading /proc/<pid>/cmdline see the agent it became, not the zygote.
     try:
         with open("/proc/self/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
@@ -40,151 +73,11 @@ def _show_argv(argv):
             mem.write(text + b"\\0" * (end - start - len(text)))
     except (OSError, ValueError, IndexError):
         pass
-"""
-
-#: What a standby runs: import the agent, wait for its orders, become that agent.
-STANDBY_PROGRAM = (
-    """\
-import json, os, sys
-from lambdalet_agent import cli
-"""
-    + _SHOW_ARGV
-    + """\
-line = sys.stdin.readline()
-if not line:
-    sys.exit(0)
-order = json.loads(line)
-_show_argv([sys.executable, "-m", "lambdalet_agent", *order["argv"]])
-if order.get("cgroup"):
-    with open(order["cgroup"], "w") as procs:
-        procs.write(str(os.getpid()))
-os.chdir(order["cwd"])
-null = os.open(os.devnull, os.O_RDONLY)
-os.dup2(null, 0)
-os.close(null)
-sys.exit(cli.main(["agent", *order["argv"]]))
-"""
-)
-
-#: Start a replacement this long after a standby is taken (the cold start it serves goes first).
-REFILL_DELAY_S = 0.15
 
 
-class StandbyPool:
-    """Keeps ``size`` standby agent processes ready; ``take`` hands one over with its orders."""
-
-    def __init__(self, python: str, env: Mapping[str, str], size: int) -> None:
-        self._python = python
-        self._env = dict(env)
-        self._size = size
-        self._ready: list[asyncio.subprocess.Process] = []
-        self._starting = 0
-        self._closed = False
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def fill_soon(self, delay: float = 0.0) -> None:
-        """Start standbys up to the pool's size (in the background)."""
-        if self._closed or len(self._ready) + self._starting >= self._size:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop yet: the first take() fills the pool
-            return
-        missing = self._size - len(self._ready) - self._starting
-        self._starting += missing
-        for _ in range(missing):
-            task = loop.create_task(self._start_one(delay))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _start_one(self, delay: float) -> None:
-        try:
-            if delay:
-                await asyncio.sleep(delay)
-            if self._closed:
-                return
-            proc = await asyncio.create_subprocess_exec(
-                self._python,
-                "-c",
-                STANDBY_PROGRAM,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=self._env,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            log.warning("could not start a standby agent: %s", exc)
-            return
-        finally:
-            self._starting -= 1
-        if self._closed:
-            await _discard(proc)
-            return
-        self._ready.append(proc)
-
-    async def take(
-        self, argv: Sequence[str], cwd: str, cgroup: Path | None = None
-    ) -> asyncio.subprocess.Process | None:
-        """A standby turned into the agent ``python -m lambdalet_agent *argv`` in ``cwd``; None if none is ready."""
-        while self._ready:
-            proc = self._ready.pop()
-            if proc.returncode is not None or proc.stdin is None:
-                continue
-            order = {"argv": list(argv), "cwd": cwd, "cgroup": str(cgroup) if cgroup else None}
-            try:
-                proc.stdin.write(json.dumps(order).encode() + b"\n")
-                await proc.stdin.drain()
-                proc.stdin.close()
-            except (ConnectionError, RuntimeError):
-                await _discard(proc)
-                continue
-            self.fill_soon(REFILL_DELAY_S)
-            return proc
-        self.fill_soon(REFILL_DELAY_S)
-        return None
-
-    async def close(self) -> None:
-        self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        ready, self._ready = self._ready, []
-        await asyncio.gather(*(_discard(proc) for proc in ready), return_exceptions=True)
-
-
-async def _pipe_reader(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader(loop=loop)
-
-    def protocol() -> asyncio.StreamReaderProtocol:
-        return asyncio.StreamReaderProtocol(reader)
-
-    await loop.connect_read_pipe(protocol, os.fdopen(fd, "rb", 0))
-    return reader
-
-
-async def _discard(proc: asyncio.subprocess.Process) -> None:
-    """End an unused standby (closing its stdin makes it exit; kill it if it does not)."""
-    if proc.stdin is not None:
-        proc.stdin.close()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(proc.wait(), 2.0)
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    await proc.wait()
-
-
-#: The fork server: import the agent once, then fork one agent per order (see :class:`ForkServer`).
-FORK_SERVER_PROGRAM = (
-    """\
-import gc, json, os, selectors, signal, socket, sys, traceback
-from lambdalet_agent import cli
-# what is imported now stays shared with every forked agent: keep the collector from touching (copying) it
-gc.freeze()
-"""
-    + _SHOW_ARGV
-    + """
 control = socket.socket(fileno=int(sys.argv[1]))
+keep = int(sys.argv[2])
+refill_delay = float(sys.argv[3])
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
 signal.set_wakeup_fd(wake_w)
@@ -192,24 +85,37 @@ signal.signal(signal.SIGCHLD, lambda signo, frame: None)
 selector = selectors.DefaultSelector()
 selector.register(control, selectors.EVENT_READ)
 selector.register(wake_r, selectors.EVENT_READ)
+spares = []  # [pid, order_w, out_r, err_r], oldest first
+discarded = set()  # spares that died before their order: their exit is nobody's business
+refill_at = 0.0
 
-def child(order, out_w, err_w):
+
+def spare(order_r, out_w, err_w):
+    # A forked agent: wait for the order, then become that agent. Never returns.
     code = 1
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
-        _show_argv([sys.executable, "-m", "lambdalet_agent", *order["argv"]])
-        if order.get("cgroup"):
-            with open(order["cgroup"], "w") as procs:
-                procs.write(str(os.getpid()))
-        os.chdir(order["cwd"])
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         for fd in (null, out_w, err_w):
             os.close(fd)
+        data = b""
+        while chunk := os.read(order_r, 1 << 16):
+            data += chunk
+        os.close(order_r)
+        if not data:  # the zygote is gone or discarded this spare
+            code = 0
+            return
+        order = json.loads(data)
+        show_argv([sys.executable, "-m", "lambdalet_agent", *order["argv"]])
+        if order.get("cgroup"):
+            with open(order["cgroup"], "w") as procs:
+                procs.write(str(os.getpid()))
+        os.chdir(order["cwd"])
         code = cli.main(["agent", *order["argv"]])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -223,46 +129,108 @@ def child(order, out_w, err_w):
                 pass
         os._exit(code or 0)
 
+
+def fork_spare():
+    order_r, order_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        selector.close()
+        control.close()
+        for fd in [wake_r, wake_w, order_w, out_r, err_r, *(fd for s in spares for fd in s[1:])]:
+            os.close(fd)
+        spare(order_r, out_w, err_w)
+    for fd in (order_r, out_w, err_w):
+        os.close(fd)
+    entry = [pid, order_w, out_r, err_r]
+    spares.append(entry)
+    return entry
+
+
+def close_spare(entry):
+    for fd in entry[1:]:
+        os.close(fd)
+
+
+def reap():
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        for entry in spares:
+            if entry[0] == pid:  # a spare that died before its order: replace it later
+                spares.remove(entry)
+                close_spare(entry)
+                break
+        else:
+            if pid in discarded:
+                discarded.discard(pid)
+                continue
+            control.send(b"exit %d %d" % (pid, os.waitstatus_to_exitcode(status)))
+
+
+def serve(order):
+    data = json.dumps(order).encode()
+    while True:
+        entry = spares[0] if spares else fork_spare()
+        spares.remove(entry)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(entry[1], view) :]
+            break
+        except OSError:  # a spare that died unnoticed: try the next one
+            discarded.add(entry[0])
+            close_spare(entry)
+    socket.send_fds(control, [b"spawn %d %d" % (order["id"], entry[0])], entry[2:])
+    close_spare(entry)
+
+
+def shutdown():
+    for entry in spares:
+        close_spare(entry)  # each spare reads end-of-file and exits
+    for entry in spares:
+        try:
+            os.waitpid(entry[0], 0)
+        except ChildProcessError:
+            pass
+    sys.exit(0)
+
+
 while True:
-    for key, _ in selector.select():
+    if len(spares) < keep and time.monotonic() >= refill_at:
+        fork_spare()
+        continue
+    timeout = max(0.0, refill_at - time.monotonic()) if len(spares) < keep else None
+    for key, _ in selector.select(timeout):
         if key.fileobj is control:
             data = control.recv(1 << 20)
             if not data:
-                sys.exit(0)
-            order = json.loads(data)
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                selector.close()
-                control.close()
-                for fd in (wake_r, wake_w, out_r, err_r):
-                    os.close(fd)
-                child(order, out_w, err_w)
-            os.close(out_w)
-            os.close(err_w)
-            socket.send_fds(control, [b"spawn %d %d" % (order["id"], pid)], [out_r, err_r])
-            os.close(out_r)
-            os.close(err_r)
+                shutdown()
+            serve(json.loads(data))
+            refill_at = time.monotonic() + refill_delay
         else:
             os.read(wake_r, 4096)
-            while True:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
-                control.send(b"exit %d %d" % (pid, os.waitstatus_to_exitcode(status)))
+            reap()
 """
 )
 
 
-class ForkedAgent(asyncio.subprocess.Process):
-    """An agent forked by the fork server, with the interface of a process the backend started itself.
+def supported() -> bool:
+    """Whether this platform has what the zygote needs (Linux)."""
+    return sys.platform == "linux" and hasattr(os, "pidfd_open") and hasattr(socket, "send_fds")
 
-    Its exit status comes from the fork server (its parent); its stdout and stderr are pipes the fork
-    server created and handed over.
+
+class ForkedAgent(asyncio.subprocess.Process):
+    """An agent forked by the zygote, with the interface of a process the backend started itself.
+
+    Its exit is seen through a pidfd (so it does not depend on the zygote); its exit status comes from the
+    zygote, its parent, when the zygote is there to report it. Its stdout and stderr are pipes the zygote
+    created and handed over.
     """
 
     def __init__(self, pid: int, stdout: asyncio.StreamReader, stderr: asyncio.StreamReader) -> None:
@@ -271,15 +239,46 @@ class ForkedAgent(asyncio.subprocess.Process):
         self.stdin = None
         self.stdout = stdout
         self.stderr = stderr
-        self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._exit: asyncio.Future[int] = self._loop.create_future()
+        #: The process is gone (its pidfd said so); the zygote's report of its status may still come.
+        self.gone = False
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already exited and reaped: the zygote's report says how
+            self.gone = True
+            return
+        self._loop.add_reader(self._pidfd, self._on_gone)
+
+    def _on_gone(self) -> None:
+        self._close_pidfd()
+        self.gone = True
+        if self.orphaned:
+            self.exited(UNKNOWN_STATUS)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    #: Set when the zygote died: nobody will report this agent's status.
+    orphaned = False
 
     @property
     def returncode(self) -> int | None:
         return self._exit.result() if self._exit.done() else None
 
     def exited(self, code: int) -> None:
+        self._close_pidfd()
         if not self._exit.done():
             self._exit.set_result(code)
+
+    def orphan(self) -> None:
+        self.orphaned = True
+        if self.gone:
+            self.exited(UNKNOWN_STATUS)
 
     async def wait(self) -> int:
         return await asyncio.shield(self._exit)
@@ -297,18 +296,17 @@ class ForkedAgent(asyncio.subprocess.Process):
 
 
 class ForkServer:
-    """One process that has imported the agent and forks a new agent per environment (``fork`` costs a few
-    milliseconds where starting Python and importing aiohttp costs ~0.3 s of CPU), so bursts of cold starts
-    scale with the cores, and forked agents share their imported code's pages.
+    """The gateway's side of the zygote: starts it (again, after it died), sends orders, tracks the agents.
 
-    The fork server is the agents' parent: it reaps them and reports each exit status over a
-    ``SOCK_SEQPACKET`` socket, which also carries the orders and, with each new agent, the read ends of
-    its stdout and stderr pipes (``SCM_RIGHTS``).
+    The zygote is the agents' parent: it reaps them and reports each exit status over a ``SOCK_SEQPACKET``
+    socket, which also carries the orders and, with each new agent, the read ends of its stdout and stderr
+    pipes (``SCM_RIGHTS``).
     """
 
-    def __init__(self, python: str, env: Mapping[str, str]) -> None:
+    def __init__(self, python: str, env: Mapping[str, str], spares: int) -> None:
         self._python = python
         self._env = dict(env)
+        self._spares = spares
         self._proc: asyncio.subprocess.Process | None = None
         self._sock: socket.socket | None = None
         self._ids = itertools.count(1)
@@ -316,20 +314,30 @@ class ForkServer:
         self._children: dict[int, ForkedAgent] = {}
         self._early_exits: dict[int, int] = {}
         self._starting: asyncio.Lock | None = None
-        self._task: asyncio.Task[bool] | None = None
+        self._tasks: set[asyncio.Task[bool]] = set()
+        self._next_start = 0.0
+        self._closed = False
 
     @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None and self._sock is not None
 
+    @property
+    def pid(self) -> int | None:
+        """The zygote's process id while it runs."""
+        return self._proc.pid if self.alive and self._proc is not None else None
+
     def start_soon(self) -> None:
-        """Start the fork server in the background when an event loop runs (else at the first take)."""
+        """Start the zygote in the background when an event loop runs (else at the first take)."""
+        if self._closed or self.alive:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
         task = loop.create_task(self._ensure())
-        self._task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _ensure(self) -> bool:
         if self.alive:
@@ -339,40 +347,50 @@ class ForkServer:
         async with self._starting:
             if self.alive:
                 return True
+            if self._closed:
+                return False
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._next_start:  # it died right after its start: try again a little later
+                loop.call_at(self._next_start, self.start_soon)
+                return False
+            self._next_start = loop.time() + RESTART_BACKOFF_S
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                self._proc = await asyncio.create_subprocess_exec(
+                proc = await asyncio.create_subprocess_exec(
                     self._python,
                     "-c",
-                    FORK_SERVER_PROGRAM,
+                    ZYGOTE_PROGRAM,
                     str(theirs.fileno()),
+                    str(self._spares),
+                    str(REFILL_DELAY_S),
                     stdin=asyncio.subprocess.DEVNULL,
                     env=self._env,
                     pass_fds=(theirs.fileno(),),
                     start_new_session=True,
                 )
             except OSError as exc:
-                log.warning("could not start the agent fork server: %s", exc)
+                log.warning("could not start the agent zygote: %s", exc)
                 ours.close()
                 return False
             finally:
                 theirs.close()
             ours.setblocking(False)
+            self._proc = proc
             self._sock = ours
-            asyncio.get_running_loop().add_reader(ours.fileno(), self._on_message)
+            loop.add_reader(ours.fileno(), self._on_message, ours)
+            log.info("agent zygote started (pid %d, %d spare agent(s))", proc.pid, self._spares)
             return True
 
-    def _on_message(self) -> None:
-        assert self._sock is not None
+    def _on_message(self, sock: socket.socket) -> None:
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self._sock, 256, 2)
+                data, fds, _, _ = socket.recv_fds(sock, 256, 2)
             except BlockingIOError:
                 return
             except OSError:
                 data, fds = b"", []
             if not data:
-                self._lost()
+                self._lost(sock)
                 return
             kind, first, second = data.split()
             if kind == b"spawn":
@@ -390,60 +408,79 @@ class ForkServer:
                 else:
                     self._early_exits[pid] = code
 
-    def _lost(self) -> None:
-        """The fork server is gone: its agents are orphans whose exit nobody reports; end them."""
-        if self._sock is not None:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._sock.close()
+    def _lost(self, sock: socket.socket) -> None:
+        """The zygote is gone: its agents keep running (watched by pidfd); the next take starts a new one."""
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        sock.close()
+        if self._sock is sock:
             self._sock = None
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(ConnectionError("the agent fork server exited"))
+                future.set_exception(ConnectionError("the agent zygote exited"))
         self._pending.clear()
-        for pid, child in list(self._children.items()):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            child.exited(-signal.SIGKILL)
+        for child in self._children.values():
+            child.orphan()
         self._children.clear()
+        self._early_exits.clear()
+        if not self._closed:
+            log.warning("the agent zygote exited; agents it forked keep running, it is started again")
+            self.start_soon()
 
     async def take(
         self, argv: Sequence[str], cwd: str, cgroup: Path | None = None
     ) -> asyncio.subprocess.Process | None:
-        """A new agent ``python -m lambdalet_agent *argv`` in ``cwd``, forked; None if the server is down."""
-        if not await self._ensure():
+        """A new agent ``python -m lambdalet_agent *argv`` in ``cwd``, forked; None if the zygote is down
+        (it is then started again in the background: this cold start spawns its agent, the next forks)."""
+        if not self.alive:
+            self.start_soon()
             return None
-        assert self._sock is not None
+        sock = self._sock
+        assert sock is not None
         loop = asyncio.get_running_loop()
         order_id = next(self._ids)
         future: asyncio.Future[tuple[int, list[int]]] = loop.create_future()
         self._pending[order_id] = future
         order = {"id": order_id, "argv": list(argv), "cwd": cwd, "cgroup": str(cgroup) if cgroup else None}
         try:
-            await loop.sock_sendall(self._sock, json.dumps(order).encode())
+            await loop.sock_sendall(sock, json.dumps(order).encode())
             pid, fds = await asyncio.wait_for(future, 30)
         except (OSError, TimeoutError) as exc:
             self._pending.pop(order_id, None)
-            log.warning("the agent fork server did not fork: %s", exc)
+            log.warning("the agent zygote did not fork an agent (%s); spawning it instead", exc)
             return None
         readers = [await _pipe_reader(loop, fd) for fd in fds]
         child = ForkedAgent(pid, readers[0], readers[1])
         if pid in self._early_exits:
             child.exited(self._early_exits.pop(pid))
-        else:
+        elif sock is self._sock:
             self._children[pid] = child
+        else:  # the zygote died meanwhile
+            child.orphan()
         return child
 
     async def close(self) -> None:
-        """Stop the fork server; agents it forked that still run are killed (nobody could reap them)."""
-        if self._task is not None:
+        """Stop the zygote (it ends its spares first). Agents it forked are the backend's to stop."""
+        self._closed = True
+        for task in list(self._tasks):
             with contextlib.suppress(Exception):
-                await self._task
+                await task
         if self._sock is not None:
-            self._lost()
-        if self._proc is not None:
+            self._lost(self._sock)
+        proc, self._proc = self._proc, None
+        if proc is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._proc.wait(), 2.0)
-            if self._proc.returncode is None:
+                await asyncio.wait_for(proc.wait(), 2.0)
+            if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    self._proc.kill()
-                await self._proc.wait()
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+
+
+async def _pipe_reader(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(loop=loop)
+
+    def protocol() -> asyncio.StreamReaderProtocol:
+        return asyncio.StreamReaderProtocol(reader)
+
+    await loop.connect_read_pipe(protocol, os.fdopen(fd, "rb", 0))
+    return reader
