@@ -5,6 +5,11 @@ The HTTP layer (:mod:`lambdalet_agent.server`) calls in from both sides: the cal
 :meth:`Environment.begin_result` / :meth:`Environment.finish` and :meth:`Environment.init_error`.
 Everything runs on one event loop; no locks are needed because no method awaits between a state check
 and the change it guards.
+
+A streamed result (:meth:`Environment.start_stream`) hands the caller a :class:`ResponseStream` at once;
+the invocation still ends in one place, :meth:`Environment._complete` (the runtime's end of the stream,
+a timeout, the runtime's exit, shutdown), which closes the stream and leaves the outcome in
+``Invocation.final`` for the caller's trailers.
 """
 
 from __future__ import annotations
