@@ -361,3 +361,30 @@ async def test_a_slow_invoker_slows_the_runtime_down_and_gets_every_byte() -> No
     assert "lambda-runtime-function-error-type" not in result.trailers
     assert 'posted 202 {"status":"OK"}' in logs
     assert after.body == b"partial done"
+
+
+@pytest.mark.slow
+@PEER_BUILD_TIMEOUT
+async def test_a_nodejs_stream_never_ended_runs_into_the_timeout_with_both_bootstraps() -> None:
+    """A handler that returns without ending its stream: AWS's ``aws-lambda-ric`` keeps the invocation open
+    until the function's timeout, and so does our bootstrap; the invoker gets what was written, then the
+    ``Sandbox.Timedout`` trailers, and the environment is reset."""
+    seen = []
+    for flavor in (flavor_by_id("nodejs20.x"), flavor_by_id("nodejs20.x-aws-ric")):
+        async with running(TOOLCHAINS, flavor, handler="streaming.neverEnds", timeout=1.0) as env:
+            async with connection(f"127.0.0.1:{env.agent.port}") as (invoker, responses):
+                invoker.write(invoke_request(b"{}"))
+                result = await responses.next()
+            shape = json.loads(base64.b64decode(result.trailers["lambda-runtime-function-error-body"]))
+            seen.append(
+                (
+                    result.status,
+                    result.body,
+                    result.trailers.get("lambda-runtime-function-error-type"),
+                    shape["errorType"],
+                    "Task timed out after 1.00 seconds" in shape["errorMessage"],
+                    result.trailers.get("x-lambdalet-reset"),
+                )
+            )
+    assert seen[0] == seen[1], f"our bootstrap {seen[0]} != AWS's aws-lambda-ric {seen[1]}"
+    assert seen[0] == (200, b"started", "Sandbox.Timedout", "Sandbox.Timedout", True, "1")
