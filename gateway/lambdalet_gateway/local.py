@@ -167,7 +167,12 @@ class LocalBackend:
         try:
             port = await self._wait_port(proc, port_file)
             environment.url = f"http://127.0.0.1:{port}"
-            await self._wait_ready(proc, environment.url)
+            # The agent listens once its runtime is started; it holds an invocation that arrives during init
+            # until init ends (and answers it with the init error if init fails), so an on-demand environment
+            # serves the invocation that waits for it at once: that invocation's wait overlaps the runtime's
+            # start instead of following a /readyz poll. Provisioned environments are reported when warm.
+            if provisioned:
+                await self._wait_ready(proc, environment.url)
             handle.groups = await asyncio.to_thread(_child_groups, proc.pid)
         except BaseException:
             await self._terminate(handle)
