@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import chart, cold, machine, memory, procs, report, scale, stats, summary, targets, warm, wrk
+from lambdalet_gateway.standby import ZYGOTE_MARK
+
+from benchmarks import chart, cold, machine, memory, procs, report, scale, summary, targets, warm, wrk
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -73,7 +75,20 @@ def gateway_documents(plan: Plan, workdir: Path) -> tuple[list[str], list[str], 
     return docs, names, marks
 
 
-FORK_SERVER = {"LAMBDALET_AGENT_FORK_SERVER": "1"}
+NO_FAST_START = cold.GATEWAY_CONFIGS["gateway_no_fast_start"]
+
+
+def gateway_environments(gateway_pid: int) -> list[int]:
+    """The agents of a running gateway: its children, or with fast start (the default) the zygote's children
+    that run a runtime (its spare has none yet)."""
+    out = []
+    for child in procs.children(gateway_pid):
+        try:
+            zygote = ZYGOTE_MARK.encode() in Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        out += [agent for agent in procs.children(child) if procs.children(agent)] if zygote else [child]
+    return out
 
 
 def gateway_scale(
@@ -100,16 +115,6 @@ def gateway_scale(
         burst["environments"] = targets.gateway_environments(gateway.addresses[0], "burst")
         out[f"gateway_burst{suffix}"] = burst
         log(f"burst gateway{suffix} {burst}")
-        if extra_env == FORK_SERVER:
-            # forked agents share the pages of the code the fork server imported: PSS of each idle one
-            agents = [pid for child in procs.children(gateway.processes[0].pid) for pid in procs.children(child)]
-            trees = [procs.tree_memory(pid) for pid in agents]
-            if trees:
-                out["fork_server_env"] = {
-                    "environments": len(trees),
-                    "rss_mb": round(stats.median([t["rss_bytes"] for t in trees]) / memory.MIB, 1),
-                    "pss_mb": round(stats.median([t["pss_bytes"] for t in trees]) / memory.MIB, 1),
-                }
     finally:
         gateway.stop()
     return out
@@ -185,8 +190,7 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
             if "floor_aiohttp" in by_name:
                 mem["floor_aiohttp"] = memory.process_memory(by_name["floor_aiohttp"])
             if gateway is not None:
-                gateway_pid = gateway.processes[0].pid
-                envs = [procs.tree_memory(child) for child in procs.children(gateway_pid)]
+                envs = [procs.tree_memory(agent) for agent in gateway_environments(gateway.processes[0].pid)]
                 if envs:
                     mem["gateway_env"] = {
                         "environments": len(envs),
@@ -208,12 +212,8 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
             started_targets.remove(gateway)
         with r.section("scale (gateway)"):
             res.setdefault("scale", {}).update(gateway_scale(plan, workdir))
-        with r.section("scale (gateway, fork server)"):
-            found = gateway_scale(plan, workdir, "_fork_server", FORK_SERVER)
-            fork_env = found.pop("fork_server_env", None)
-            res.setdefault("scale", {}).update(found)
-            if fork_env is not None:
-                res.setdefault("memory", {})["fork_server_env"] = fork_env
+        with r.section("scale (gateway, no fast start)"):
+            res.setdefault("scale", {}).update(gateway_scale(plan, workdir, "_no_fast_start", NO_FAST_START))
         with r.section("throttle (account limit)"):
             res.setdefault("scale", {})["throttle_account"] = account_throttle(plan, workdir)
         with r.section("burst (emulator)"):
@@ -258,30 +258,9 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def gateway_cold(gateway: targets.Target, workdir: Path, names: list[str], marks: list[Path]) -> dict[str, Any]:
-    """First invocations through the default gateway, one keeping a standby agent and one forking agents
-    from its fork server, alternating trial by trial."""
-    configs = {"gateway_standby": {"LAMBDALET_STANDBY_AGENTS": "1"}, "gateway_fork_server": FORK_SERVER}
-    others: dict[str, tuple[targets.Target, list[Path]]] = {}
-    try:
-        for key, env in configs.items():
-            key_marks = [workdir / f"cold-{key}-{i:02d}.marks" for i in range(len(names))]
-            docs = [targets.manifest(n, env={"BENCH_MARKS": str(m)}) for n, m in zip(names, key_marks, strict=True)]
-            others[key] = (targets.start_gateway(workdir, docs, tag=key, extra_env=env), key_marks)
-        time.sleep(2)  # the standby agent's and the fork server's imports
-        trials: dict[str, list[dict[str, float]]] = {"gateway": [], **{key: [] for key in others}}
-        for i, name in enumerate(names):
-            trials["gateway"] += cold.gateway_trials(gateway.addresses[0], [name], [marks[i]])
-            for key, (target, key_marks) in others.items():
-                time.sleep(0.25)  # a standby's replacement starts 0.15 s after a take
-                trials[key] += cold.gateway_trials(target.addresses[0], [name], [key_marks[i]])
-            time.sleep(0.25)
-    finally:
-        for target, _ in others.values():
-            target.stop()
-    out = {key: cold.summarize_trials(values) for key, values in trials.items()}
-    for key, value in out.items():
-        log(f"cold {key:<22} p50 {value['total']['p50']:7.1f} ms")
-    return out
+    """First invocations through the default gateway and through one per other configuration of
+    ``cold.GATEWAY_CONFIGS`` (fast start off, no spare), alternating trial by trial."""
+    return cold.gateway_run(workdir, names, cold.GATEWAY_CONFIGS, log, started={"gateway": (gateway, marks)})
 
 
 def _optional_async_bench() -> Callable[[bool], dict[str, Any]] | None:

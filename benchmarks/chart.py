@@ -17,8 +17,8 @@ SHORT = {
     "rie": "(c) emulator",
     "floor_aiohttp": "(d) aiohttp floor",
     "floor_raw": "(d) raw asyncio",
-    "gateway_standby": "(a) standby agent",
-    "gateway_fork_server": "(a) fork server",
+    "gateway_no_spare": "(a) no spare",
+    "gateway_no_fast_start": "(a) no fast start",
 }
 COLORS = {
     "gateway": "#1f77b4",
@@ -74,8 +74,8 @@ def draw(results: dict[str, Any], path: Path) -> None:
     cold = results.get("cold", {})
     cold_labels = {
         "gateway": "(a) gateway\ndefault",
-        "gateway_standby": "(a) gateway\nstandby agent",
-        "gateway_fork_server": "(a) gateway\nfork server",
+        "gateway_no_spare": "(a) gateway\nno spare",
+        "gateway_no_fast_start": "(a) gateway\n--no-fast-start",
         "agent": "(b) agent",
         "rie": "(c) emulator",
     }

@@ -11,18 +11,28 @@ module import began and ended (``BENCH_MARKS``). The trial is split along its cr
 
 A phase that overlapped the previous one counts only for its part after it, so phases add up to the total.
 Through the gateway (``lambdalet up``) a trial is the first invocation of a function with zero environments;
-spawn and runtime init are then one phase (the gateway starts the environment).
+spawn and runtime init are then one phase (the gateway starts the environment). The gateway runs in each
+configuration of ``GATEWAY_CONFIGS`` (the default: agents forked from the zygote, a spare forked ahead; fast
+start off; no spare), one trial of each in turn.
+
+``python -m benchmarks.cold [--quick] [--trials N]`` runs only this scenario: the emulator, the agent and
+every gateway configuration, interleaved trial by trial in the same run, with the load average before and
+after (``make bench`` runs it as part of the whole).
 """
 
 from __future__ import annotations
 
+import argparse
 import http.client
+import json
+import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import procs, stats, targets
+from benchmarks import machine, procs, stats, targets
 
 Log = Callable[[str], None]
 PHASES = ("spawn", "runtime_init", "handler_import", "first_response")
@@ -149,3 +159,92 @@ def gateway_trials(address: targets.Address, names: Sequence[str], marks: Sequen
             trial["reported_init_ms"] = float(headers["x-lambdalet-init-duration-ms"])
         out.append(trial)
     return out
+
+
+#: The gateway's configurations compared (extra environment of ``lambdalet up``); "gateway" is the default.
+GATEWAY_CONFIGS: dict[str, dict[str, str]] = {
+    "gateway": {},
+    "gateway_no_fast_start": {"LAMBDALET_FAST_START": "0"},
+    "gateway_no_spare": {"LAMBDALET_STANDBY_AGENTS": "0"},
+}
+#: Between two trials of one gateway: a spare handed out is replaced 0.1 s later (standby.REFILL_DELAY_S).
+SETTLE_S = 0.25
+
+
+def gateway_run(
+    workdir: Path,
+    names: Sequence[str],
+    configs: dict[str, dict[str, str]],
+    log: Log,
+    started: dict[str, tuple[targets.Target, list[Path]]] | None = None,
+) -> dict[str, Any]:
+    """First invocations of ``names`` through one gateway per configuration, a trial of each in turn.
+
+    ``started`` holds gateways already running (with the marks files of their functions); the others are
+    started here, with one function per name, and stopped at the end.
+    """
+    gateways = dict(started or {})
+    own = []
+    try:
+        for key, env in configs.items():
+            if key in gateways:
+                continue
+            marks = [workdir / f"cold-{key}-{i:02d}.marks" for i in range(len(names))]
+            docs = [targets.manifest(n, env={"BENCH_MARKS": str(m)}) for n, m in zip(names, marks, strict=True)]
+            gateways[key] = (targets.start_gateway(workdir, docs, tag=key, extra_env=env), marks)
+            own.append(gateways[key][0])
+        time.sleep(2)  # the zygotes' imports
+        trials: dict[str, list[dict[str, float]]] = {key: [] for key in gateways}
+        for i, name in enumerate(names):
+            for key, (target, marks) in gateways.items():
+                trials[key] += gateway_trials(target.addresses[0], [name], [marks[i]])
+                time.sleep(SETTLE_S)
+    finally:
+        for target in own:
+            target.stop()
+    out = {key: summarize_trials(values) for key, values in trials.items()}
+    for key, value in out.items():
+        log(f"cold {key:<22} p50 {value['total']['p50']:7.1f} ms p99 {value['total']['p99']:7.1f} ms")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cold", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="12 trials of each (default 30)")
+    parser.add_argument("--trials", type=int, help="trials of each")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    trials = args.trials or (12 if args.quick else 30)
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    workdir = targets.workdir()
+    load_before = machine.loadavg()
+    try:
+        binary = targets.rie_binary()
+        names = [f"cold-{i:02d}" for i in range(trials)]
+        results: dict[str, Any] = run(workdir, trials, binary, log)
+        results.update(gateway_run(workdir, names, GATEWAY_CONFIGS, log))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["meta"] = {
+        "command": "python -m benchmarks.cold" + (" --quick" if args.quick else ""),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine.describe(),
+        "commit": machine.git_commit(procs.REPO),
+        "loadavg_before": load_before,
+        "loadavg_after": machine.loadavg(),
+    }
+    rie = results["rie"]["total"]["p50"]
+    for key in ("rie", "agent", *GATEWAY_CONFIGS):
+        p50 = results[key]["total"]["p50"]
+        print(f"{key:<22} p50 {p50:7.1f} ms  {p50 / rie:5.2f}x the emulator  (p99 {results[key]['total']['p99']:.1f})")
+    print(f"load average before/after: {load_before} / {results['meta']['loadavg_after']}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

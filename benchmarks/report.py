@@ -78,9 +78,10 @@ def warm_table(results: dict[str, Any]) -> str:
 def cold_table(results: dict[str, Any]) -> str:
     cold = results.get("cold", {})
     labels = {
-        "gateway": "(a) `lambdalet up`: first invocation of a function with 0 environments",
-        "gateway_standby": "(a) the same with `LAMBDALET_STANDBY_AGENTS=1` (a pre-started agent)",
-        "gateway_fork_server": "(a) the same with `LAMBDALET_AGENT_FORK_SERVER=1` (agents forked)",
+        "gateway": "(a) `lambdalet up` (default: agent forked from the zygote, a spare ready): first invocation "
+        "of a function with 0 environments",
+        "gateway_no_spare": "(a) the same with `LAMBDALET_STANDBY_AGENTS=0` (forked on demand, no spare)",
+        "gateway_no_fast_start": "(a) the same with `--no-fast-start` (every agent spawned)",
         "agent": "(b) agent process started → first invocation",
         "rie": "(c) emulator process started → first invocation",
     }
@@ -128,7 +129,7 @@ def scale_table(results: dict[str, Any]) -> str:
     burst_rie = scale.get("rie_burst", {}).get("total_ms")
     for key, label in (
         ("gateway_burst", "(a) at once to one function with 0 environments"),
-        ("gateway_burst_fork_server", "(a) the same with `LAMBDALET_AGENT_FORK_SERVER=1`"),
+        ("gateway_burst_no_fast_start", "(a) the same with `--no-fast-start`"),
         ("rie_burst", "(c) as many emulator processes started at once, one invocation each"),
     ):
         data = scale.get(key)
@@ -147,7 +148,7 @@ def scale_table(results: dict[str, Any]) -> str:
     throttle_rows = []
     for key, label in (
         ("throttle", "reservedConcurrency"),
-        ("throttle_fork_server", "reservedConcurrency, fork server"),
+        ("throttle_no_fast_start", "reservedConcurrency, no fast start"),
         ("throttle_account", "LAMBDALET_CONCURRENCY_LIMIT"),
     ):
         throttle = scale.get(key)
@@ -181,8 +182,7 @@ def memory_table(results: dict[str, Any]) -> str:
     rie_env = memory.get("rie_env", {})
     for key, label in (
         ("agent_env", "idle environment: agent + bootstrap"),
-        ("gateway_env", "idle environment under the gateway"),
-        ("fork_server_env", "idle environment forked by the fork server"),
+        ("gateway_env", "idle environment under the gateway (forked from the zygote)"),
         ("rie_env", "idle environment: emulator + awslambdaric"),
     ):
         data = memory.get(key)
@@ -208,8 +208,6 @@ def goals_table(results: dict[str, Any]) -> str:
         "overhead_p99_ms_c8": "platform overhead p99 at c=8 (ms)",
         "gateway_rps_vs_emulator_c8": "gateway throughput ÷ emulator throughput at c=8",
         "cold_p50_ms_embedded": "cold start p50, embedded mode, default settings (ms)",
-        "cold_p50_ms_embedded_standby": "cold start p50, embedded mode, LAMBDALET_STANDBY_AGENTS=1 (ms)",
-        "cold_p50_ms_embedded_fork_server": "cold start p50, embedded mode, LAMBDALET_AGENT_FORK_SERVER=1 (ms)",
         "invocations_above_cap": "invocations above a concurrency cap",
     }
     rows = []
@@ -293,22 +291,22 @@ def headline(results: dict[str, Any]) -> str:
         f" p99 {ms(s.get('overhead_p99_ms_c8'), 2)} at concurrency 8."
     )
     lines.append(
-        f"- Cold start p50 through `lambdalet up`: {ms(s.get('cold_p50_ms_gateway'))} by default, "
-        f"{ms(s.get('cold_p50_ms_gateway_standby'))} with `LAMBDALET_STANDBY_AGENTS=1`, "
-        f"{ms(s.get('cold_p50_ms_gateway_fork_server'))} with `LAMBDALET_AGENT_FORK_SERVER=1`; "
+        f"- Cold start p50 through `lambdalet up`: {ms(s.get('cold_p50_ms_gateway'))} by default (agents forked "
+        f"from the zygote), {ms(s.get('cold_p50_ms_gateway_no_spare'))} with no spare forked ahead, "
+        f"{ms(s.get('cold_p50_ms_gateway_no_fast_start'))} with `--no-fast-start`; "
         f"the emulator {ms(s.get('cold_p50_ms_emulator'))}."
     )
     burst = results.get("scale", {}).get("gateway_burst", {})
     lines.append(
         f"- Burst of {burst.get('invocations', '?')} invocations from zero environments: "
-        f"{ms(s.get('burst_200_ms_gateway'), 0)} by default, {ms(s.get('burst_200_ms_gateway_fork_server'), 0)} "
-        f"with the fork server, {ms(s.get('burst_200_ms_emulator'), 0)} for as many emulator processes."
+        f"{ms(s.get('burst_200_ms_gateway'), 0)} by default, {ms(s.get('burst_200_ms_gateway_no_fast_start'), 0)} "
+        f"with `--no-fast-start`, {ms(s.get('burst_200_ms_emulator'), 0)} for as many emulator processes."
     )
     lines.append(f"- Invocations running above a concurrency cap under 2x overload: {s.get('invocations_above_cap')}.")
     lines.append(
         f"- Memory: gateway RSS {_num(s.get('gateway_rss_mb_1000_functions'), 1)} MB with 1,000 functions "
         f"({_num(s.get('gateway_kb_per_function'), 1)} KB each); an idle environment PSS "
-        f"{_num(s.get('environment_pss_mb'), 1)} MB ({_x(s.get('environment_pss_vs_emulator'))} the emulator's), "
-        f"{_num(s.get('environment_pss_mb_fork_server'), 1)} MB when forked by the fork server."
+        f"{_num(s.get('environment_pss_mb'), 1)} MB when spawned ({_x(s.get('environment_pss_vs_emulator'))} the "
+        f"emulator's), {_num(s.get('environment_pss_mb_forked'), 1)} MB forked from the zygote (the default)."
     )
     return "\n".join(lines) + "\n"

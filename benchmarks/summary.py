@@ -11,8 +11,6 @@ GOALS = {
     "overhead_p99_ms_c8": 3.0,
     "gateway_rps_vs_emulator_c8": 1.0,
     "cold_p50_ms_embedded": 50.0,
-    "cold_p50_ms_embedded_standby": 50.0,
-    "cold_p50_ms_embedded_fork_server": 50.0,
     "invocations_above_cap": 0,
 }
 
@@ -75,7 +73,6 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
     out["agent_overhead_p99_ms_c8"] = overhead(agent8, "p99")
 
     cold_gateway = _path(results, "cold", "gateway", "total", "p50")
-    cold_standby = _path(results, "cold", "gateway_standby", "total", "p50")
     cold_agent = _path(results, "cold", "agent", "total", "p50")
     cold_rie = _path(results, "cold", "rie", "total", "p50")
     out["cold_p50_ms_gateway"] = cold_gateway
@@ -83,26 +80,23 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
     out["cold_p50_ms_emulator"] = cold_rie
     out["cold_p50_vs_emulator_gateway"] = ratio(cold_gateway, cold_rie)
     out["cold_p50_vs_emulator_agent"] = ratio(cold_agent, cold_rie)
-    out["cold_p50_ms_gateway_standby"] = cold_standby
-    out["cold_p50_vs_emulator_gateway_standby"] = ratio(cold_standby, cold_rie)
     out["cold_p50_ms_embedded"] = cold_gateway if cold_gateway is not None else cold_agent
-    out["cold_p50_ms_embedded_standby"] = cold_standby
-    cold_fork = _path(results, "cold", "gateway_fork_server", "total", "p50")
-    out["cold_p50_ms_gateway_fork_server"] = cold_fork
-    out["cold_p50_vs_emulator_gateway_fork_server"] = ratio(cold_fork, cold_rie)
-    out["cold_p50_ms_embedded_fork_server"] = cold_fork
+    for config in ("no_spare", "no_fast_start"):
+        value = _path(results, "cold", f"gateway_{config}", "total", "p50")
+        out[f"cold_p50_ms_gateway_{config}"] = value
+        out[f"cold_p50_vs_emulator_gateway_{config}"] = ratio(value, cold_rie)
 
     burst_gateway = _path(results, "scale", "gateway_burst", "total_ms")
     burst_rie = _path(results, "scale", "rie_burst", "total_ms")
     out["burst_200_ms_gateway"] = burst_gateway
     out["burst_200_ms_emulator"] = burst_rie
     out["burst_200_vs_emulator"] = ratio(burst_gateway, burst_rie)
-    burst_fork = _path(results, "scale", "gateway_burst_fork_server", "total_ms")
-    out["burst_200_ms_gateway_fork_server"] = burst_fork
-    out["burst_200_vs_emulator_fork_server"] = ratio(burst_fork, burst_rie)
+    burst_spawned = _path(results, "scale", "gateway_burst_no_fast_start", "total_ms")
+    out["burst_200_ms_gateway_no_fast_start"] = burst_spawned
+    out["burst_200_vs_emulator_no_fast_start"] = ratio(burst_spawned, burst_rie)
     above = [
         _path(results, "scale", key, "invocations_above_cap")
-        for key in ("throttle", "throttle_fork_server", "throttle_account")
+        for key in ("throttle", "throttle_no_fast_start", "throttle_account")
     ]
     measured = [value for value in above if value is not None]
     out["invocations_above_cap"] = max(measured) if measured else None
@@ -113,9 +107,9 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
     rie_pss = _path(results, "memory", "rie_env", "pss_mb")
     out["environment_pss_mb"] = env_pss
     out["environment_pss_vs_emulator"] = ratio(env_pss, rie_pss)
-    fork_pss = _path(results, "memory", "fork_server_env", "pss_mb")
-    out["environment_pss_mb_fork_server"] = fork_pss
-    out["environment_pss_vs_emulator_fork_server"] = ratio(fork_pss, rie_pss)
+    forked_pss = _path(results, "memory", "gateway_env", "pss_mb")
+    out["environment_pss_mb_forked"] = forked_pss
+    out["environment_pss_vs_emulator_forked"] = ratio(forked_pss, rie_pss)
     out["goals"] = goals(out)
     return out
 
