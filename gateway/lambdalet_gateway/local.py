@@ -120,6 +120,9 @@ class LocalBackend:
         spec = function.spec
         argv = [
             self._settings.agent_python,
+            # -P: the working directory (the function's code) is not on the agent's import path, so a
+            # function's file named like a module the agent imports (uuid.py, asyncio.py) does not replace it
+            "-P",
             "-m",
             "lambdalet_agent",
             "--port",
@@ -144,7 +147,7 @@ class LocalBackend:
         for key, value in spec.environment.variables.items():
             argv += ["--env", f"{key}={value}"]
         cgroup = await asyncio.to_thread(self._cpu.create, env_id, spec.memoryMB) if self._cpu else None
-        proc = await self._zygote.take(argv[3:], str(code_dir), cgroup) if self._zygote is not None else None
+        proc = await self._zygote.take(argv[4:], str(code_dir), cgroup) if self._zygote is not None else None
         if proc is None:
             if cgroup is not None:
                 # join the CPU cgroup before the agent (and the runtime it starts) runs a single instruction

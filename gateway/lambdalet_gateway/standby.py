@@ -111,7 +111,7 @@ def spare(order_r, out_w, err_w):
             code = 0
             return
         order = json.loads(data)
-        show_argv([sys.executable, "-m", "lambdalet_agent", *order["argv"]])
+        show_argv([sys.executable, "-P", "-m", "lambdalet_agent", *order["argv"]])
         if order.get("cgroup"):
             with open(order["cgroup"], "w") as procs:
                 procs.write(str(os.getpid()))
@@ -358,6 +358,7 @@ class ForkServer:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     self._python,
+                    "-P",  # no working directory on the import path: after a fork it is the function's code
                     "-c",
                     ZYGOTE_PROGRAM,
                     str(theirs.fileno()),

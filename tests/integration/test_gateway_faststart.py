@@ -47,6 +47,8 @@ def handler(event, context):
         "agent_fds": len(os.listdir(f"/proc/{agent}/fd")),
     }
 """
+#: Files of a function named like modules the agent imports: they must not replace the agent's own.
+SHADOWS = {f"{name}.py": f"raise ImportError('a function file: {name}.py')\n" for name in ("uuid", "asyncio", "json")}
 HOG = """
 def handler(event, context):
     hog = bytearray(event["mb"] * 1024 * 1024)
@@ -106,7 +108,7 @@ def test_agents_are_forked_from_the_zygote_by_default(tmp_path: Path) -> None:
         result = invoke(gateway, "probe")
         assert result["agent"] == spare  # the spare served this cold start
         assert result["agent_parent"] == zygote
-        assert result["agent_cmdline"][1:3] == ["-m", "lambdalet_agent"]
+        assert result["agent_cmdline"][1:4] == ["-P", "-m", "lambdalet_agent"]
         assert "probe" in result["agent_cmdline"]
         # a replacement spare is forked in the background
         wait_for(lambda: len(children(zygote) - {spare}) == 1, what="the spare to be replaced")
@@ -151,6 +153,15 @@ def test_a_forked_environment_is_the_one_a_spawn_gives(tmp_path: Path, monkeypat
 
     assert comparable(forked) == comparable(spawned)
     assert forked["signals"] == spawned["signals"]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["forked", "spawned"])
+def test_a_functions_files_do_not_replace_the_agents_modules(tmp_path: Path, fast: bool) -> None:
+    write_function(tmp_path, "shadow", {"app.py": PROBE, **SHADOWS})
+    with running_gateway([tmp_path], tmp_path, fast_start=fast) as gateway:
+        result = invoke(gateway, "shadow")
+        assert set(SHADOWS) <= set(os.listdir(result["cwd"]))
+        assert invoke(gateway, "shadow")["agent"] == result["agent"]
 
 
 def test_the_memory_limit_applies_to_a_forked_environment(tmp_path: Path) -> None:
@@ -215,7 +226,7 @@ def test_opting_out_spawns_every_agent(tmp_path: Path) -> None:
     with running_gateway([tmp_path], tmp_path, fast_start=False) as gateway:
         result = invoke(gateway, "probe")
         assert result["agent_parent"] == os.getpid()
-        assert result["agent_cmdline"][1:3] == ["-m", "lambdalet_agent"]
+        assert result["agent_cmdline"][1:4] == ["-P", "-m", "lambdalet_agent"]
         assert zygotes() == {}
 
     on = Settings.from_env({})
