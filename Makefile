@@ -31,7 +31,9 @@ $(VENV)/.stamp: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "no python3.11+ found on PATH" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat && \
+	  printf '%s\n' $(CURDIR)/gateway $(CURDIR)/operator $(CURDIR)/runtime-images/agent \
+	  > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/lambdalet-packages.pth"
 	touch $@
 
 deps: $(VENV)/.stamp
