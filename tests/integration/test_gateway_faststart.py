@@ -27,6 +27,7 @@ import os
 
 def handler(event, context):
     agent = os.getppid()
+    print("probe ran in", os.getcwd())
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
     with open(f"/proc/{agent}/stat", "rb") as f:
         agent_parent = int(f.read().rsplit(b")", 1)[1].split()[1])
@@ -126,6 +127,11 @@ def test_a_forked_environment_is_the_one_a_spawn_gives(tmp_path: Path, monkeypat
         with running_gateway([tmp_path], tmp_path / ("fast" if fast else "plain"), fast_start=fast) as gateway:
             assert (zygotes() != {}) == fast
             results[fast] = invoke(gateway, "mine")
+            # the function's output and the agent's START/END/REPORT lines reach `lambdalet logs`
+            status, _, logs = gateway.get("/lambdalet/v1/functions/mine/logs")
+            assert status == 200
+            assert f"probe ran in {results[fast]['cwd']}" in logs.decode()
+            assert "REPORT RequestId:" in logs.decode()
             other = invoke(gateway, "other")
             assert other["env"]["SHARED"] == "b"
             assert "MINE" not in other["env"]
