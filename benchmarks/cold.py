@@ -176,12 +176,15 @@ def gateway_run(
     names: Sequence[str],
     configs: dict[str, dict[str, str]],
     log: Log,
+    *,
     started: dict[str, tuple[targets.Target, list[Path]]] | None = None,
+    others: dict[str, Callable[[int], dict[str, float]]] | None = None,
 ) -> dict[str, Any]:
     """First invocations of ``names`` through one gateway per configuration, a trial of each in turn.
 
     ``started`` holds gateways already running (with the marks files of their functions); the others are
-    started here, with one function per name, and stopped at the end.
+    started here, with one function per name, and stopped at the end. ``others`` are trials of other
+    targets (index -> phases) run in the same rounds, so every target sees the same machine.
     """
     gateways = dict(started or {})
     own = []
@@ -194,8 +197,10 @@ def gateway_run(
             gateways[key] = (targets.start_gateway(workdir, docs, tag=key, extra_env=env), marks)
             own.append(gateways[key][0])
         time.sleep(2)  # the zygotes' imports
-        trials: dict[str, list[dict[str, float]]] = {key: [] for key in gateways}
+        trials: dict[str, list[dict[str, float]]] = {key: [] for key in [*(others or {}), *gateways]}
         for i, name in enumerate(names):
+            for key, trial in (others or {}).items():
+                trials[key].append(trial(i))
             for key, (target, marks) in gateways.items():
                 trials[key] += gateway_trials(target.addresses[0], [name], [marks[i]])
                 time.sleep(SETTLE_S)
@@ -224,8 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         binary = targets.rie_binary()
         names = [f"cold-{i:02d}" for i in range(trials)]
-        results: dict[str, Any] = run(workdir, trials, binary, log)
-        results.update(gateway_run(workdir, names, GATEWAY_CONFIGS, log))
+        others: dict[str, Callable[[int], dict[str, float]]] = {
+            "rie": lambda i: rie_trial(workdir, i, binary),
+            "agent": lambda i: agent_trial(workdir, i),
+        }
+        results: dict[str, Any] = gateway_run(workdir, names, GATEWAY_CONFIGS, log, others=others)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["meta"] = {
@@ -238,8 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     rie = results["rie"]["total"]["p50"]
     for key in ("rie", "agent", *GATEWAY_CONFIGS):
-        p50 = results[key]["total"]["p50"]
-        print(f"{key:<22} p50 {p50:7.1f} ms  {p50 / rie:5.2f}x the emulator  (p99 {results[key]['total']['p99']:.1f})")
+        data = results[key]
+        p50 = data["total"]["p50"]
+        shown = [phase for phase in (*PHASES, "spawn_and_runtime_init") if phase in data]
+        split = ", ".join(f"{phase} {data[phase]['p50']:.1f}" for phase in shown)
+        print(f"{key:<22} p50 {p50:7.1f} ms {p50 / rie:5.2f}x the emulator, p99 {data['total']['p99']:.1f} ({split})")
     print(f"load average before/after: {load_before} / {results['meta']['loadavg_after']}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
