@@ -8,17 +8,27 @@ across all of them:
 - the functions' Deployments → their replica count;
 - the functions' ReplicaSets → the current pod template (during a rollout, pods of an older template, that
   is older code, are never handed out);
-- the functions' EndpointSlices (``kubernetes.io/service-name=<function>``) → ready pods (no polling).
+- the functions' EndpointSlices (``kubernetes.io/service-name=<function>``) → ready pods (no polling);
+- the functions' pods (``lambdalet.dev/function``) → address, agent container running, deletionTimestamp.
 
 ``start`` hands out a ready pod nobody holds (one adopted at gateway start, or left over) or raises the
 Deployment's replicas through the ``scale`` subresource to the pods held plus the starts waiting (never
-above reservedConcurrency) and returns when a new ready endpoint appears. ``stop`` is only called for an
+above reservedConcurrency) and returns with the first new pod whose agent is ready. A pod that appeared
+while a start waited (the gateway scaled up for it) is asked directly as soon as it has an address and a
+running agent container: ``GET /readyz`` on its agent, every few milliseconds with back-off, for at most
+``PROBE_LIMIT_S``; on a 200 it goes to the oldest waiting start, before the kubelet's next readiness
+probe and the EndpointSlice say it is ready (as Knative's activator probes new pods). Every other pod —
+adopted at gateway start, ready once and not any more, of an older template — is used only when its
+EndpointSlice endpoint is ready; a pod with a deletionTimestamp is never handed out. ``stop`` is only called for an
 environment with no invocation in flight (the dispatcher stops idle or finished environments only); it
 deletes exactly that pod, then lowers the replicas by one. In that order a ReplicaSet never picks a pod
 itself: if it sees the deletion before the new count it starts a replacement, and the lower count then
 removes a not-yet-ready pod (a ReplicaSet scales down unscheduled, pending and not-ready pods first),
-never a ready pod that may be serving an invocation. Replicas never go below provisionedConcurrency, and
-a ready pod nobody holds for idleTimeoutSeconds is removed the same way.
+never a ready pod that may be serving an invocation. A pod in use that is not Ready yet (handed out on its
+agent's answer) would be the ReplicaSet's first choice, so the count is lowered only once every pod in use
+is ready (or not at all, after ``LOWER_WAIT_S``: the spare pod is then idle and removed later). Replicas
+never go below provisionedConcurrency, and a ready pod nobody holds for idleTimeoutSeconds is removed the
+same way.
 
 Instances the gateway sees disappear (pod deleted or terminating) are reported lost; an invocation that
 meets a refused or reset connection makes the dispatcher stop that environment, which deletes the pod
@@ -41,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+import aiohttp
+
 from lambdalet.spec import Function, SpecError
 from lambdalet_gateway.backend import Environment, EnvironmentId, LostCallback, StartError
 from lambdalet_gateway.registry import Catalog, FunctionRecord, Registry
@@ -50,6 +62,7 @@ from .api import (
     DEPLOYMENTS,
     ENDPOINT_SLICES,
     FUNCTIONS,
+    PODS,
     REPLICA_SETS,
     Conflict,
     Gone,
@@ -59,9 +72,13 @@ from .api import (
     Obj,
 )
 from .book import (
+    FUNCTION_LABEL,
     Endpoint,
     EndpointBook,
     Instances,
+    Observed,
+    Pod,
+    PodBook,
     ServiceKey,
     Templates,
     code_digest,
@@ -72,8 +89,6 @@ from .book import (
 
 log = logging.getLogger("lambdalet.gateway.kube")
 
-#: Label the operator puts on every child of a Function (and every function pod).
-FUNCTION_LABEL: Final = "lambdalet.dev/function"
 SLICE_SELECTOR: Final = f"kubernetes.io/service-name,{FUNCTION_LABEL}"
 #: How long a start waits for a ready pod (image pulls and slow inits included).
 START_LIMIT_S: Final = 120.0
@@ -81,6 +96,15 @@ CONNECT_LIMIT_S: Final = 60.0
 RETRY_S: Final = 1.0
 #: How often free pods are checked against their idle timeout (local bookkeeping, no API calls).
 REAP_INTERVAL_S: Final = 1.0
+#: Asking a new pod's agent ``GET /readyz``: the first interval, doubled up to the cap after each miss,
+#: for at most PROBE_LIMIT_S (after that the pod is used once its EndpointSlice says it is ready).
+PROBE_FIRST_INTERVAL_S: Final = 0.01
+PROBE_MAX_INTERVAL_S: Final = 0.25
+PROBE_LIMIT_S: Final = 60.0
+PROBE_TIMEOUT_S: Final = 1.0
+#: How long lowering the replicas waits for pods in use to be Ready (see the module docstring).
+LOWER_WAIT_S: Final = 30.0
+LOWER_POLL_S: Final = 0.1
 
 
 @dataclass(eq=False)
@@ -170,6 +194,10 @@ class KubernetesBackend:
         self._parsed: dict[tuple[str, str], tuple[object, Function | SpecError]] = {}
         self._replicas: dict[tuple[str, str], int] = {}
         self._book = EndpointBook()
+        self._pods = PodBook()
+        #: Scopes whose pods have been listed (the pod view of a function is known only then).
+        self._pod_scopes: set[str | None] = set()
+        self._session: aiohttp.ClientSession | None = None
         self._templates = Templates()
         self._states: dict[str, _FunctionState] = {}
         self._envs: dict[tuple[str, str], Environment] = {}
@@ -196,6 +224,7 @@ class KubernetesBackend:
             (DEPLOYMENTS, FUNCTION_LABEL, self._deployments_listed, self._deployment_event),
             (REPLICA_SETS, FUNCTION_LABEL, self._replica_sets_listed, self._replica_set_event),
             (ENDPOINT_SLICES, SLICE_SELECTOR, self._slices_listed, self._slice_event),
+            (PODS, FUNCTION_LABEL, self._pods_listed, self._pod_event),
         ]
         for scope in self._scopes:
             for kind, selector, listed, event in kinds:
@@ -205,8 +234,9 @@ class KubernetesBackend:
                     if kind == FUNCTIONS:
                         raise  # no functions to serve: fail fast (credentials, RBAC, CRD missing)
                     log.warning("listing %s in %s failed (the watch retries): %s", kind[1], scope or "all", exc)
-                    items, version = [], ""
-                listed(scope, items)
+                    version = ""
+                else:
+                    listed(scope, items)
                 self._watches.append(
                     asyncio.create_task(
                         self._watch(kind, scope=scope, selector=selector, version=version, listed=listed, event=event),
@@ -327,6 +357,7 @@ class KubernetesBackend:
             state.replicas = self._replicas.get(state.key)
             self._states[function.name] = state
             self._observe(state)
+            self._observe_pods(state, listed=True)
         return state
 
     # ---- Deployments -----------------------------------------------------------------------------
@@ -380,6 +411,87 @@ class KubernetesBackend:
     def _observe(self, state: _FunctionState) -> None:
         endpoints = self._book.endpoints(state.key)
         observed = state.instances.observe(endpoints, time.monotonic(), self._templates.prefix(state.key))
+        self._report(state, observed)
+        self._probe_candidates(state)
+
+    # ---- Pods (new pods used as soon as their agent answers) -------------------------------------
+
+    def _pods_listed(self, scope: str | None, items: list[Obj]) -> None:
+        self._pod_scopes.add(scope)
+        self._pods.replace(scope, items)
+        for state in list(self._states.values()):
+            if scope is None or state.namespace == scope:
+                self._observe_pods(state, listed=True)
+
+    def _pod_event(self, event_type: str, obj: Obj) -> None:
+        key = self._pods.apply(event_type, obj)
+        state = self._states.get(key[1]) if key is not None else None
+        if state is not None and state.key == key:
+            self._observe_pods(state, listed=False)
+
+    def _observe_pods(self, state: _FunctionState, *, listed: bool) -> None:
+        if None not in self._pod_scopes and state.namespace not in self._pod_scopes:
+            return  # not listed (yet): the EndpointSlice alone decides
+        pods = self._pods.pods(state.key)
+        template = self._templates.prefix(state.key)
+        observed = state.instances.observe_pods(pods, time.monotonic(), template, listed=listed)
+        self._report(state, observed)
+        self._probe_candidates(state)
+
+    def _probe_candidates(self, state: _FunctionState) -> None:
+        for pod in state.instances.candidates():
+            state.instances.probing.add(pod.name)
+            self._spawn(self._probe(state, pod))
+
+    async def _probe(self, state: _FunctionState, pod: Pod) -> None:
+        """Ask the new pod's agent until it is ready, then hand the pod to the oldest waiting start;
+        stop as soon as the pod is no longer worth asking (stopping, ready by its endpoint, nobody waits)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROBE_LIMIT_S
+        interval = PROBE_FIRST_INTERVAL_S
+        try:
+            while not state.removed:
+                current = state.instances.still_candidate(pod.name, pod.uid)
+                if current is None:
+                    return
+                if loop.time() >= deadline:
+                    state.instances.fresh.discard(pod.name)  # from now on its EndpointSlice decides
+                    log.info(
+                        "pod %s/%s: its agent was not ready within %g s; waiting for its endpoint",
+                        state.namespace,
+                        pod.name,
+                        PROBE_LIMIT_S,
+                    )
+                    return
+                if await self._agent_ready(current.endpoint().url):
+                    if state.instances.hand_over(pod.name, pod.uid) is not None:
+                        log.info(
+                            "pod %s/%s: its agent is ready before the pod is; handed to a waiting start",
+                            state.namespace,
+                            pod.name,
+                            extra={"function": state.name, "namespace": state.namespace, "pod": pod.name},
+                        )
+                    return
+                await asyncio.sleep(interval)
+                interval = min(interval * 2, PROBE_MAX_INTERVAL_S)
+        finally:
+            state.instances.probing.discard(pod.name)
+
+    async def _agent_ready(self, url: str) -> bool:
+        """``GET /readyz`` on an agent answered 200 (anything else, or no answer in time, is not ready)."""
+        if self._session is None:
+            # One connection per probe, closed after it: pods come and go, nothing is worth keeping open.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
+            )
+        try:
+            async with self._session.get(f"{url}/readyz") as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    def _report(self, state: _FunctionState, observed: Observed) -> None:
         for endpoint in observed.lost:
             env = self._envs.pop((state.namespace, endpoint.pod), None)
             if env is not None:
@@ -406,6 +518,7 @@ class KubernetesBackend:
             if endpoint.pod in state.instances.assigned:
                 break
             # Lost between being handed out and this task resuming: wait for another.
+        early = endpoint.pod in state.instances.early
         env = Environment(
             id=EnvironmentId(f"{state.namespace}/{endpoint.pod}"),
             function=function.name,
@@ -414,7 +527,14 @@ class KubernetesBackend:
             handle=endpoint,
         )
         self._envs[(state.namespace, endpoint.pod)] = env
-        log.info("environment %s of %s ready at %s", env.id, function.name, env.url, extra=_fields(env))
+        log.info(
+            "environment %s of %s ready at %s%s",
+            env.id,
+            function.name,
+            env.url,
+            " (its agent answered; the pod is not Ready yet)" if early else "",
+            extra=_fields(env),
+        )
         return env
 
     async def _wait_for_pod(self, state: _FunctionState, deadline: float) -> Endpoint:
@@ -422,6 +542,7 @@ class KubernetesBackend:
         future: asyncio.Future[Endpoint] = loop.create_future()
         state.instances.wait(future)
         self._spawn(self._raise(state))
+        self._probe_candidates(state)
         try:
             done, _ = await asyncio.wait({future}, timeout=max(0.0, deadline - loop.time()))
         except asyncio.CancelledError:
@@ -474,6 +595,8 @@ class KubernetesBackend:
                 await task
         for state in list(self._states.values()):
             self._drop(state)
+        if self._session is not None:
+            await self._session.close()
         if self._api is not None:
             await self._api.close()
 
@@ -525,6 +648,20 @@ class KubernetesBackend:
     async def _lower(self, state: _FunctionState) -> None:
         """One pod was deleted: one replica less, but not below what is needed or provisioned."""
         assert self._api is not None
+        # A pod in use that is not Ready yet is the one a ReplicaSet removes first when the count drops
+        # before it has seen the deletion: wait until the pods in use are ready.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOWER_WAIT_S
+        while state.instances.early and not state.removed:
+            if loop.time() >= deadline:
+                log.warning(
+                    "not lowering the replicas of %s/%s: pods in use are still not Ready (%s)",
+                    state.namespace,
+                    state.name,
+                    ", ".join(sorted(state.instances.early)),
+                )
+                return
+            await asyncio.sleep(LOWER_POLL_S)
         async with state.lock:
             if state.removed:
                 return
