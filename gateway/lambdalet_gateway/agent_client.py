@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import cast
 
 _MAX_HEAD = 64 * 1024
 #: A connection idle longer than this is replaced rather than reused.
@@ -57,8 +58,8 @@ class _Protocol(asyncio.Protocol):
         self.error: BaseException | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a TCP connection's transport (uvloop's is not a subclass of asyncio.Transport, so no isinstance)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
