@@ -161,8 +161,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
 
 
 @contextmanager
-def running_gateway(manifests: list[Path], tmp: Path, **settings: Any) -> Iterator[RunningGateway]:
-    """A gateway on an ephemeral loopback port with the local backend, stopped (with its agents) on exit."""
+def running_gateway(
+    manifests: list[Path],
+    tmp: Path,
+    *,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    **settings: Any,
+) -> Iterator[RunningGateway]:
+    """A gateway on an ephemeral loopback port with the local backend, stopped (with its agents) on exit;
+    its event loop from ``loop_factory`` (asyncio's own unless told)."""
     state_dir = tmp / "state"
     values: dict[str, Any] = {
         "port": 0,
@@ -173,7 +180,7 @@ def running_gateway(manifests: list[Path], tmp: Path, **settings: Any) -> Iterat
     }
     values.update(settings)
     config = Settings(**values)
-    loop = asyncio.new_event_loop()
+    loop = loop_factory()
     started = threading.Event()
     holder: dict[str, Any] = {}
 
