@@ -1,23 +1,26 @@
-"""Multi-concurrency (``AWS_LAMBDA_MAX_CONCURRENCY`` = N, as in Lambda Managed Instances), with real processes.
+"""Multi-concurrency (``--max-concurrency N`` / ``AWS_LAMBDA_MAX_CONCURRENCY``, as Lambda Managed Instances),
+with real processes: our agent running our Python bootstrap (N worker processes) or AWS's awslambdaric.
 
-Our Python bootstrap runs N worker processes that each loop on ``/next``. Overlap is proven with a barrier
-handler: each invocation drops a file named after its request id in a shared folder and waits until N
-files are there, so N invocations can only all succeed when they ran at the same time (a sequential run
-would wait out its limit and report fewer).
+Overlap is proven with a barrier handler: each invocation drops a file named after its request id in a
+shared folder and waits until ``n`` files are there, so N invocations can only all report N when they ran
+at the same time (a sequential run would wait out its limit and report fewer).
 
-AWS's emulator (``aws-lambda-rie`` with ``AWS_LAMBDA_MAX_CONCURRENCY`` set switches to its Lambda Managed
-Instances mode) is the reference. Its behaviour, read from its source (internal/lambda-managed-instances)
-and checked here: every ``/next`` is an idle worker; an invocation that finds none fails at once with
-``400 Runtime.Unavailable``; a timeout answers that caller ``Sandbox.Timedout`` and leaves the runtime and
-the other invocations alone (the late ``/response`` gets ``410 InvokeTimeout``); the runtime process
-exiting fails every invocation in flight with ``Runtime.ExitError`` and ends the environment. In this mode
-the emulator only runs a ``bootstrap`` file from ``/var/task`` (or ``/opt``, ``/var/runtime``), as user
-993: each emulator here runs in a private mount namespace with the function folder bound on ``/var/task``.
+Conformance: the same bursts against AWS's emulator and against our agent give callers the same outcomes.
+``aws-lambda-rie`` with ``AWS_LAMBDA_MAX_CONCURRENCY`` set switches to its Lambda Managed Instances mode
+(internal/lambda-managed-instances), whose rules, read from its source, are checked here: every ``/next`` is
+an idle worker; an invocation that finds none fails at once with ``400 Runtime.Unavailable`` (the agent's
+answer past N is ``429 Environment.Busy``: the outcome compared is "busy"); a timeout answers that caller
+``Sandbox.Timedout`` and leaves the runtime and the other invocations alone (the late ``/response`` gets
+``410 InvokeTimeout``); the runtime process exiting fails every invocation in flight with
+``Runtime.ExitError``. In this mode the emulator only runs a ``bootstrap`` file from ``/var/task`` (or
+``/opt``, ``/var/runtime``), as user 993: each emulator here runs in a private mount namespace with the
+function folder bound on ``/var/task``, so these tests need root (they are skipped otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
@@ -29,9 +32,20 @@ from typing import Any
 
 import aiohttp
 import pytest
-from agent_support import BOOTSTRAP, INVOKE_PATH, Invoked, free_port, post, rie_binary
+from agent_support import (
+    BOOTSTRAP,
+    INVOKE_PATH,
+    Invoked,
+    RunningAgent,
+    free_port,
+    post,
+    rie_binary,
+    running_agent,
+    until,
+)
 
 N = 3
+RIC = (sys.executable, "-m", "awslambdaric", "fn.handler")
 
 FUNCTION = """\
 import os
@@ -47,6 +61,7 @@ def handler(event, context):
         time.sleep(event.get("after", 0))
         os._exit(event.get("code", 3))
     # barrier: wait (at most event["wait"] seconds) until event["n"] invocations are inside at once
+    print("barrier entered by", context.aws_request_id)
     folder = os.path.join(os.environ["LAMBDA_TASK_ROOT"], event["dir"])
     open(os.path.join(folder, context.aws_request_id), "w").close()
     end = time.monotonic() + event.get("wait", 10)
@@ -59,7 +74,7 @@ def handler(event, context):
 
 def function_dir(tmp_path: Path) -> Path:
     code = tmp_path / "fn"
-    code.mkdir()
+    code.mkdir(parents=True)
     code.chmod(0o755)  # the emulator runs the runtime as another user
     (code / "fn.py").write_text(FUNCTION)
     return code
@@ -208,44 +223,224 @@ def test_bootstrap_refuses_a_bad_max_concurrency() -> None:
     assert "AWS_LAMBDA_MAX_CONCURRENCY='three' is not a whole number of at least 1" in result.stderr
 
 
-# ------------------------------------------------------------------------------------ under AWS's emulator
+# ------------------------------------------------------------------------------------ our agent
 
 
-async def test_emulator_runs_our_workers_concurrently_and_refuses_one_more(tmp_path: Path) -> None:
+def concurrent_agent(
+    code: Path, *, workers: int = N, timeout_s: float = 3.0, command: Sequence[str] = ()
+) -> contextlib.AbstractAsyncContextManager[RunningAgent]:
+    return running_agent(
+        "fn.handler", code=code, timeout_s=timeout_s, args=["--max-concurrency", str(workers)], command=command
+    )
+
+
+async def workers_waiting(agent: RunningAgent, workers: int = N) -> None:
+    env = agent.agent.env
+    await until(lambda: env.cstate.waiting == workers)
+
+
+async def test_n_invocations_run_at_once_and_each_caller_gets_its_own(tmp_path: Path) -> None:
+    code = function_dir(tmp_path)
+    folder = Barriers(code).new()
+    async with concurrent_agent(code) as agent:
+        await workers_waiting(agent)
+        tail = {"X-Amz-Log-Type": "Tail"}
+        results = await asyncio.gather(
+            *(agent.invoke({"dir": folder, "n": N, "tag": i}, headers=tail) for i in range(N))
+        )
+        logs = agent.logs()
+    bodies = [r.json() for r in results]
+    assert [r.status for r in results] == [200] * N
+    assert [b["tag"] for b in bodies] == list(range(N))  # each caller got the answer to its own event
+    assert [b["request_id"] for b in bodies] == [r.headers["x-amzn-RequestId"] for r in results]
+    assert {b["seen"] for b in bodies} == {N}
+    assert len({b["pid"] for b in bodies}) == N
+    ids = [b["request_id"] for b in bodies]
+    for request_id in ids:  # START, END and REPORT per invocation
+        for line in (
+            f"START RequestId: {request_id} ",
+            f"END RequestId: {request_id}",
+            f"REPORT RequestId: {request_id}\t",
+        ):
+            assert logs.count(line) == 1
+    for result, request_id in zip(results, ids, strict=True):
+        tail_log = base64.b64decode(result.headers["X-Amz-Log-Result"]).decode()
+        assert f"barrier entered by {request_id}" in tail_log
+        assert f"REPORT RequestId: {request_id}" in tail_log
+        assert not any(other in tail_log for other in ids if other != request_id)
+    assert sum("X-Lambdalet-Init-Duration-Ms" in r.headers for r in results) == 1  # the one cold start
+
+
+async def test_one_more_than_n_is_busy(tmp_path: Path) -> None:
+    code = function_dir(tmp_path)
+    folder = Barriers(code).new()
+    async with concurrent_agent(code) as agent:
+        await workers_waiting(agent)
+        env = agent.agent.env
+        held = [asyncio.create_task(agent.invoke({"dir": folder, "n": N + 1, "wait": 60})) for _ in range(N)]
+        await until(lambda: len(env.handed_out) == N)
+        busy = await agent.invoke({"op": "sleep", "seconds": 0})
+        (code / folder / "release").touch()  # the (N+1)th arrival the held invocations wait for
+        released = await asyncio.gather(*held)
+        after = await agent.invoke({"op": "sleep", "seconds": 0, "tag": "after"})
+    assert busy.status == 429
+    assert busy.headers["x-amzn-ErrorType"] == "TooManyRequestsException"
+    assert busy.json() == {
+        "errorType": "Environment.Busy",
+        "errorMessage": f"{N} invocations are already running in this execution environment.",
+    }
+    assert [r.json()["seen"] for r in released] == [N + 1] * N
+    assert after.json() == {"tag": "after", "slept": 0}
+
+
+async def test_a_timeout_cuts_one_invocation_and_its_worker_comes_back(tmp_path: Path) -> None:
     code = function_dir(tmp_path)
     barriers = Barriers(code)
-    async with running_lmi_rie(code, N) as url, aiohttp.ClientSession() as session:
-        await all_workers_waiting(session, url, barriers, N)
+    async with concurrent_agent(code, timeout_s=1) as agent:
+        await workers_waiting(agent)
+        env = agent.agent.env
+        runtime_pid = env.process.pid if env.process is not None else 0
+        slow = {"op": "sleep", "seconds": 4, "tag": "slow"}
+        results = await asyncio.gather(
+            agent.invoke(slow), *(agent.invoke({"op": "sleep", "seconds": 0.2, "tag": i}) for i in range(N - 1))
+        )
+        # Its worker is still sleeping: one fewer invocation fits now.
+        reduced = await asyncio.gather(*(agent.invoke({"op": "sleep", "seconds": 0.2}) for _ in range(N)))
+        await until(lambda: not env.cstate.timed_out)  # the late result came (and was refused)
+        await workers_waiting(agent)
         folder = barriers.new()
-        results = await burst(session, url, [{"dir": folder, "n": N, "tag": i} for i in range(N)])
-        await asyncio.sleep(0.2)
+        again = await asyncio.gather(*(agent.invoke({"dir": folder, "n": N}) for _ in range(N)))
+        same_runtime = env.process is not None and env.process.pid == runtime_pid
+        logs = agent.logs()
+    timed_out = results[0]
+    request_id = timed_out.headers["x-amzn-RequestId"]
+    assert timed_out.headers["X-Amz-Function-Error"] == "Unhandled"
+    assert timed_out.json() == {
+        "errorType": "Sandbox.Timedout",
+        "errorMessage": f"RequestId: {request_id} Error: Task timed out after 1.00 seconds",
+    }
+    assert "X-Lambdalet-Reset" not in timed_out.headers
+    assert [r.json() for r in results[1:]] == [{"tag": i, "slept": 0.2} for i in range(N - 1)]
+    assert sorted(r.status for r in reduced) == [200] * (N - 1) + [429]
+    refused = '410 {"errorMessage":"Invoke timeout","errorType":"InvokeTimeout"}'
+    assert f"Runtime API /invocation/{request_id}/response: {refused}" in logs  # (what our bootstrap prints)
+    assert [r.json()["seen"] for r in again] == [N] * N
+    assert same_runtime
+
+
+async def test_every_worker_held_by_a_timeout_resets_the_runtime(tmp_path: Path) -> None:
+    code = function_dir(tmp_path)
+    async with concurrent_agent(code, timeout_s=1) as agent:
+        await workers_waiting(agent)
+        results = await asyncio.gather(*(agent.invoke({"op": "sleep", "seconds": 30}) for _ in range(N)))
+        await workers_waiting(agent)
+        after = await agent.invoke({"op": "sleep", "seconds": 0, "tag": "after"})
+    assert [r.json()["errorType"] for r in results] == ["Sandbox.Timedout"] * N
+    assert sum("X-Lambdalet-Reset" in r.headers for r in results) == 1  # the last one
+    assert after.json() == {"tag": "after", "slept": 0}
+
+
+async def test_a_crash_fails_every_invocation_in_flight_then_a_new_runtime_serves(tmp_path: Path) -> None:
+    code = function_dir(tmp_path)
+    barriers = Barriers(code)
+    async with concurrent_agent(code) as agent:
+        await workers_waiting(agent)
+        hold = barriers.new()
+        crash = agent.invoke({"op": "crash", "after": 0.3, "code": 7})
+        results = await asyncio.gather(crash, *(agent.invoke({"dir": hold, "n": 99, "wait": 30}) for _ in range(N - 1)))
+        await workers_waiting(agent)
         folder = barriers.new()
-        over = await burst(session, url, [{"dir": folder, "n": N + 1, "wait": 1.5, "tag": i} for i in range(N + 1)])
-    assert [r.status for r in results] == [200] * N
-    assert sorted(r.json()["tag"] for r in results) == list(range(N))
+        again = await asyncio.gather(*(agent.invoke({"dir": folder, "n": N}) for _ in range(N)))
+    for result in results:
+        request_id = result.headers["x-amzn-RequestId"]
+        assert result.headers["X-Amz-Function-Error"] == "Unhandled"
+        assert result.headers["X-Lambdalet-Reset"] == "1"
+        assert result.json() == {
+            "errorType": "Runtime.ExitError",
+            "errorMessage": f"RequestId: {request_id} Error: Runtime exited with error: exit status 7",
+        }
+    assert [r.json()["seen"] for r in again] == [N] * N
+
+
+async def test_an_init_error_answers_every_waiting_invocation(tmp_path: Path) -> None:
+    (tmp_path / "fn.py").write_text("raise KeyError('config')\n")
+    async with concurrent_agent(tmp_path) as agent:
+        results = await asyncio.gather(*(agent.invoke({}) for _ in range(N)))
+    assert [(r.status, r.json()["errorType"]) for r in results] == [(200, "KeyError")] * N
+
+
+async def test_awslambdaric_runs_n_workers_under_the_agent(tmp_path: Path) -> None:
+    code = function_dir(tmp_path)
+    folder = Barriers(code).new()
+    async with concurrent_agent(code, command=RIC) as agent:
+        await workers_waiting(agent)
+        results = await asyncio.gather(*(agent.invoke({"dir": folder, "n": N, "tag": i}) for i in range(N)))
+    assert [r.json()["tag"] for r in results] == list(range(N))
     assert {r.json()["seen"] for r in results} == {N}
-    assert len({r.json()["pid"] for r in results}) == N  # one process per invocation
-    refused = [r for r in over if r.status != 200]
-    assert len(refused) == 1
-    assert refused[0].status == 400
-    assert refused[0].json() == {"errorType": "Runtime.Unavailable"}
+    assert len({r.json()["pid"] for r in results}) == N
 
 
-async def test_emulator_timeout_of_one_leaves_the_others(tmp_path: Path) -> None:
-    code = function_dir(tmp_path)
-    async with running_lmi_rie(code, N, timeout_s=1) as url, aiohttp.ClientSession() as session:
-        await all_workers_waiting(session, url, Barriers(code), N)
-        slow = {"op": "sleep", "seconds": 2.5, "tag": "slow"}
-        results = await burst(session, url, [slow] + [{"op": "sleep", "seconds": 0.3, "tag": i} for i in range(N - 1)])
-    assert results[0].headers["Error-Type"] == "Sandbox.Timedout"
-    assert results[0].json()["errorType"] == "Sandbox.Timedout"
-    assert [r.json() for r in results[1:]] == [{"tag": i, "slept": 0.3} for i in range(N - 1)]
+# ------------------------------------------------------------------------------------ conformance
+
+SCENARIOS = ("overlap", "one_more", "timeout", "crash")
 
 
-async def test_emulator_runtime_exit_fails_every_invocation_in_flight(tmp_path: Path) -> None:
-    code = function_dir(tmp_path)
-    async with running_lmi_rie(code, N) as url, aiohttp.ClientSession() as session:
-        await all_workers_waiting(session, url, Barriers(code), N)
-        crash = {"op": "crash", "after": 0.3, "code": 7}
-        results = await burst(session, url, [crash] + [{"op": "sleep", "seconds": 2, "tag": i} for i in range(N - 1)])
-    assert [(r.status, r.json()["errorType"]) for r in results] == [(200, "Runtime.ExitError")] * N
+def _outcome(result: Invoked) -> str:
+    """What a caller sees, in words that hold for both: the emulator answers one more than N with
+    ``400 Runtime.Unavailable`` where the agent answers ``429 Environment.Busy`` (its documented busy
+    answer), and writes error types in ``Error-Type`` where the agent writes ``X-Amz-Function-Error``."""
+    if (result.status, result.json().get("errorType")) in ((400, "Runtime.Unavailable"), (429, "Environment.Busy")):
+        return "busy"
+    body = result.json()
+    if result.status == 200 and "errorType" in body:
+        return str(body["errorType"])
+    if result.status == 200 and "seen" in body:
+        return f"ok, {body['seen']} at once"
+    return f"{result.status} {body}"
+
+
+async def _scenario(name: str, session: aiohttp.ClientSession, url: str, barriers: Barriers) -> list[str]:
+    await all_workers_waiting(session, url, barriers, N)
+    folder = barriers.new()
+    if name == "overlap":
+        events = [{"dir": folder, "n": N}] * N
+    elif name == "one_more":
+        events = [{"dir": folder, "n": N + 1, "wait": 1.5}] * (N + 1)
+    elif name == "timeout":
+        events = [{"op": "sleep", "seconds": 2.5}] + [{"dir": folder, "n": N - 1}] * (N - 1)
+    else:
+        # The others are inside (waiting for a barrier that never fills) when the crash comes.
+        events = [{"op": "crash", "after": 0.3, "code": 7}] + [{"dir": folder, "n": 99, "wait": 1.5}] * (N - 1)
+    return sorted(_outcome(r) for r in await burst(session, url, events))
+
+
+@pytest.mark.parametrize("runtime", ["bootstrap", "awslambdaric"])
+@pytest.mark.parametrize("name", SCENARIOS)
+async def test_callers_see_what_they_see_under_awss_emulator(tmp_path: Path, name: str, runtime: str) -> None:
+    """The same burst against AWS's emulator in LMI mode and against our agent gives the same outcomes."""
+    reason = _lmi_emulator_usable()
+    if reason is not None:
+        pytest.skip(f"AWS's emulator in LMI mode: {reason}")
+    rie_command: Sequence[str] = ()
+    agent_command: Sequence[str] = ()
+    if runtime == "awslambdaric":
+        python = _system_python()
+        assert python is not None
+        rie_command, agent_command = (python, "-m", "awslambdaric", "fn.handler"), RIC
+    code = function_dir(tmp_path / "rie")
+    async with running_lmi_rie(code, N, timeout_s=2, command=rie_command) as url, aiohttp.ClientSession() as session:
+        theirs = await _scenario(name, session, url, Barriers(code))
+    code = function_dir(tmp_path / "agent")
+    async with concurrent_agent(code, timeout_s=2, command=agent_command) as agent:
+        ours = await _scenario(name, agent.session, agent.url + INVOKE_PATH, Barriers(code))
+    assert ours == theirs
+    expected = {
+        "overlap": [f"ok, {N} at once"] * N,
+        "one_more": ["busy"] + [f"ok, {N} at once"] * N,
+        "timeout": ["Sandbox.Timedout"] + [f"ok, {N - 1} at once"] * (N - 1),
+        # awslambdaric's parent process outlives a worker that exits: its invocation times out instead.
+        "crash": ["Runtime.ExitError"] * N
+        if runtime == "bootstrap"
+        else ["Sandbox.Timedout"] + [f"ok, {N - 1} at once"] * (N - 1),
+    }
+    assert ours == sorted(expected[name])

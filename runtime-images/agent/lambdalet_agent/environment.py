@@ -10,6 +10,30 @@ A streamed result (:meth:`Environment.start_stream`) hands the caller a :class:`
 the invocation still ends in one place, :meth:`Environment._complete` (the runtime's end of the stream,
 a timeout, the runtime's exit, shutdown), which closes the stream and leaves the outcome in
 ``Invocation.final`` for the caller's trailers.
+
+Concurrent mode (``--max-concurrency N``, ``AWS_LAMBDA_MAX_CONCURRENCY``, N > 1) follows AWS's emulator in its
+Lambda Managed Instances mode (``internal/lambda-managed-instances``), with the differences named here:
+
+- Up to N invocations are in flight; the runtime is told ``AWS_LAMBDA_MAX_CONCURRENCY=N`` (our Python
+  bootstrap and awslambdaric >= 4 then run N worker processes) and may wait at ``/next`` N times. Each
+  ``/next`` takes the oldest accepted invocation; results are matched by request id, in any order.
+- One more invocation is answered ``429 Environment.Busy`` (the emulator: ``400 Runtime.Unavailable``, and
+  already when no worker waits at ``/next``; here an accepted invocation waits for one, under its deadline).
+- A timeout answers that caller ``Sandbox.Timedout`` and leaves the runtime and the other invocations
+  alone; the worker stays taken until the runtime posts the late result (``410 InvokeTimeout``, as the
+  emulator). Only when every worker is held by a timed-out invocation is the runtime reset (the emulator
+  would stay unavailable).
+- The runtime process exiting fails every invocation it was running with ``Runtime.ExitError``, as the
+  emulator; then the runtime is reset as in standard mode (the emulator ends). Invocations accepted but not
+  yet handed out wait for the new runtime. An init failure answers every waiting invocation.
+- Logs: Lambda Managed Instances supports only the JSON log format, and the runtime is given
+  ``AWS_LAMBDA_LOG_FORMAT=JSON`` unless the function sets it; the agent's own ``START``/``END``/``REPORT``
+  lines stay in the text format, one set per invocation, each naming its request id (the emulator writes
+  text lines in this mode too). ``X-Amz-Log-Type: Tail`` returns the invocation's own platform lines and
+  the function's lines that contain its request id (JSON log records carry it): lines of overlapping
+  invocations cannot be told apart otherwise.
+- Max Memory Used is the peak of the whole runtime while the invocation ran (the peak is reset when an
+  invocation starts with no other running), so overlapping invocations report the same shared peak.
 """
 
 from __future__ import annotations
@@ -32,7 +56,7 @@ from lambdalet_agent.metrics import Metrics
 from lambdalet_agent.process import RuntimeProcess
 from lambdalet_agent.runtimes import InvalidEntrypoint, RuntimeNotFound
 from lambdalet_agent.settings import Settings
-from lambdalet_agent.state import Phase, RuntimeState
+from lambdalet_agent.state import ConcurrentRuntimeState, Phase, RuntimeState
 
 log = logging.getLogger("lambdalet.agent")
 
@@ -49,7 +73,7 @@ class RuntimeGone(Exception):
 
 
 class Busy(Exception):
-    """An invocation is already running in this environment (standard, one-at-a-time mode)."""
+    """The environment runs as many invocations as it may (one in standard mode); the message says so."""
 
 
 def error_json(error_type: str, message: str) -> bytes:
@@ -187,7 +211,17 @@ class Environment:
         self._out = out
         self._base_env = base_env
         self.runtime_api_address = ""
-        self.state = RuntimeState()
+        self.max_concurrency = settings.max_concurrency
+        self.concurrent = self.max_concurrency > 1
+        self.state: RuntimeState | ConcurrentRuntimeState = RuntimeState()
+        # Concurrent mode: the same state object, typed; invocations by request id; the order of hand-out.
+        self.cstate = ConcurrentRuntimeState(self.max_concurrency)
+        if self.concurrent:
+            self.state = self.cstate
+        self.in_flight: dict[str, Invocation] = {}  # accepted, not finished
+        self.handed_out: dict[str, Invocation] = {}  # delivered to a worker, no result yet
+        self._queue: collections.deque[Invocation] = collections.deque()  # accepted, not delivered
+        self._waiters: collections.deque[asyncio.Future[Invocation]] = collections.deque()  # /next calls
         self.process: Runtime | None = None
         self._processes: set[Runtime] = set()  # every process not yet closed (old ones included)
         # External runtime mode (lambdalet_agent.external): the runtime is another container's process.
@@ -235,6 +269,9 @@ class Environment:
             env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_{runtime}"
         for name in ("AWS_LAMBDA_MAX_CONCURRENCY", "_X_AMZN_TRACE_ID"):
             env.pop(name, None)
+        if self.concurrent:
+            env["AWS_LAMBDA_MAX_CONCURRENCY"] = str(self.max_concurrency)
+            env.setdefault("AWS_LAMBDA_LOG_FORMAT", "JSON")  # the only format Lambda Managed Instances has
         return env
 
     async def start(self) -> None:
@@ -280,6 +317,10 @@ class Environment:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(RuntimeGone())
         self._waiter = None
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(RuntimeGone())
 
     async def close(self) -> None:
         self._closing = True
@@ -294,8 +335,7 @@ class Environment:
             process.close()
         self._processes.clear()
         self.limiter.close()
-        inv = self.current
-        if inv is not None:
+        for inv in self._unfinished():
             failure = error_json("Sandbox.Failure", "The execution environment is shutting down.")
             if inv.final is None:
                 inv.final = Outcome(failure, JSON, "Sandbox.Failure")
@@ -306,6 +346,11 @@ class Environment:
             if not inv.finished.done():
                 inv.finished.set_result(None)
         self._flush()
+
+    def _unfinished(self) -> list[Invocation]:
+        if self.concurrent:
+            return list(self.in_flight.values())
+        return [self.current] if self.current is not None else []
 
     @property
     def ready(self) -> bool:
@@ -353,8 +398,11 @@ class Environment:
 
     def _emit(self, line: bytes) -> None:
         self._out.write(line)
-        inv = self.current
-        if inv is not None and inv.tail is not None and inv.delivered_at is not None:
+        if self.concurrent:
+            for running in self.handed_out.values():
+                if running.tail is not None and running.event.request_id.encode() in line:
+                    running.tail.add(line)
+        elif (inv := self.current) is not None and inv.tail is not None and inv.delivered_at is not None:
             inv.tail.add(line)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -375,9 +423,11 @@ class Environment:
 
     def invoke(self, event: Event) -> Invocation:
         """Accept an invocation (raises :class:`Busy`); await ``result`` then ``finished`` on it."""
+        if self.concurrent:
+            return self._invoke_concurrent(event)
         if self.current is not None:
             self.metrics.busy.inc()
-            raise Busy()
+            raise Busy("An invocation is already running in this execution environment.")
         loop = asyncio.get_running_loop()
         inv = Invocation(event, loop.create_future(), loop.create_future(), loop.time())
         if event.want_tail:
@@ -393,12 +443,34 @@ class Environment:
         self._advance()
         return inv
 
+    def _invoke_concurrent(self, event: Event) -> Invocation:
+        request_id = event.request_id
+        if len(self.in_flight) + len(self.cstate.timed_out) >= self.max_concurrency:
+            self.metrics.busy.inc()
+            raise Busy(f"{self.max_concurrency} invocations are already running in this execution environment.")
+        if request_id in self.in_flight:
+            self.metrics.busy.inc()
+            raise Busy(f"An invocation with request id {request_id} is already running.")
+        loop = asyncio.get_running_loop()
+        inv = Invocation(event, loop.create_future(), loop.create_future(), loop.time())
+        if event.want_tail:
+            inv.tail = report.LogTail()
+        self.in_flight[request_id] = inv
+        if self.state.phase is not Phase.STARTED:
+            self._arm_timer(inv, loop)
+        self._queue.append(inv)
+        self._advance()
+        return inv
+
     def _arm_timer(self, inv: Invocation, loop: asyncio.AbstractEventLoop) -> None:
         inv.deadline_at = loop.time() + self.settings.timeout_s
         inv.timer = loop.call_at(inv.deadline_at, self._on_timeout, inv)
 
     def _advance(self) -> None:
         """Hand the accepted invocation to the runtime, or answer it with the stored init failure."""
+        if self.concurrent:
+            self._advance_concurrent()
+            return
         inv = self.current
         if inv is None or inv.delivered_at is not None or inv.result.done():
             return
@@ -409,8 +481,15 @@ class Environment:
             self._deliver(inv)
 
     def _deliver(self, inv: Invocation) -> None:
-        loop = asyncio.get_running_loop()
         cold = self.state.deliver(inv.event.request_id)
+        self.running = inv
+        assert self._waiter is not None
+        waiter, self._waiter = self._waiter, None
+        self._hand_out(inv, waiter, cold=cold, reset_peak=True)
+
+    def _hand_out(self, inv: Invocation, waiter: asyncio.Future[Invocation], *, cold: bool, reset_peak: bool) -> None:
+        """Give ``inv`` to the runtime's waiting ``/next``: deadline, START line, peak measurement."""
+        loop = asyncio.get_running_loop()
         if cold and self._report_init:
             inv.init_duration_ms = self.init_duration_ms
         self._report_init = True
@@ -421,15 +500,33 @@ class Environment:
         assert inv.deadline_at is not None
         # The deadline the runtime sees is the one the agent enforces (its timer runs on loop time).
         inv.deadline_epoch_ms = report.deadline_ms(int(time.time() * 1000), inv.deadline_at - now)
-        self.running = inv
-        if self.process is not None:
+        if reset_peak and self.process is not None:
             self.limiter.reset_peak(self.process.pid)
         self._emit_platform(report.start_line(inv.event.request_id, self.settings.function_version), inv)
-        assert self._waiter is not None
-        self._waiter.set_result(inv)
-        self._waiter = None
+        waiter.set_result(inv)
 
-    def _answer_init_failure(self, inv: Invocation, failure: InitFailure) -> None:
+    def _advance_concurrent(self) -> None:
+        """Pair accepted invocations with waiting ``/next`` calls, oldest first; or answer them all with the
+        stored init failure (then reset once)."""
+        if self.init_failure is not None:
+            if self._queue:
+                failure = self.init_failure
+                while self._queue:
+                    self._answer_init_failure(self._queue.popleft(), failure, reset=False)
+                self._reset("init_error")
+            return
+        while self._queue and self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.done():  # (released by a reset)
+                continue
+            inv = self._queue.popleft()
+            cold = self.cstate.deliver(inv.event.request_id)
+            # A shared peak: restarted only when no other invocation is running.
+            reset_peak = not self.handed_out
+            self.handed_out[inv.event.request_id] = inv
+            self._hand_out(inv, waiter, cold=cold, reset_peak=reset_peak)
+
+    def _answer_init_failure(self, inv: Invocation, failure: InitFailure, *, reset: bool = True) -> None:
         loop = asyncio.get_running_loop()
         request_id = inv.event.request_id
         inv.delivered_at = loop.time()
@@ -445,7 +542,8 @@ class Environment:
         self._emit_platform(report.start_line(request_id, self.settings.function_version), inv)
         inv.reset = True
         self._complete(inv, outcome)
-        self._reset("init_error")
+        if reset:
+            self._reset("init_error")
 
     def _answer_idle_exit(self, inv: Invocation) -> None:
         """The external runtime exited while idle: this invocation reports it (no second reset)."""
@@ -465,6 +563,8 @@ class Environment:
             inv.timer.cancel()
         if self.running is inv:
             self.running = None
+        if self.concurrent:
+            self.handed_out.pop(inv.event.request_id, None)
         start = inv.delivered_at if inv.delivered_at is not None else inv.accepted_at
         inv.duration_ms = (loop.time() - start) * 1000
         if peak is None:
@@ -501,6 +601,8 @@ class Environment:
             inv.finished.set_result(None)
         if self.current is inv:
             self.current = None
+        if self.concurrent and self.in_flight.get(inv.event.request_id) is inv:
+            del self.in_flight[inv.event.request_id]
 
     def _on_timeout(self, inv: Invocation) -> None:
         if inv.finished.done():
@@ -511,12 +613,20 @@ class Environment:
             self._emit_platform(report.start_line(request_id, self.settings.function_version), inv)
         self._emit_platform(report.timeout_log_line(request_id, timeout_s, time.time()), inv)
         inv.reset = True
+        if self.concurrent:
+            if inv.delivered_at is None:
+                self._queue.remove(inv)
+            else:
+                self.cstate.time_out(request_id)
+            # The others run on; reset only when no worker is left (each holds a timed-out invocation).
+            inv.reset = len(self.cstate.timed_out) >= self.max_concurrency
         outcome = Outcome(
             error_json("Sandbox.Timedout", report.timeout_error(request_id, timeout_s)), JSON, "Sandbox.Timedout"
         )
         peak = self.limiter.peak_bytes(self.process.pid) if self.process is not None else 0
         self._complete(inv, outcome, peak=peak)
-        self._reset("timeout")
+        if inv.reset:
+            self._reset("timeout")
 
     def _on_init_timeout(self, generation: int) -> None:
         if generation != self._generation or self.state.phase is not Phase.STARTED:
@@ -542,19 +652,26 @@ class Environment:
             self._fail_init(InitFailure("exit", returncode=returncode))
         elif phase is Phase.INIT_ERROR:
             self._advance()
+        elif self.concurrent:
+            # Every invocation the runtime was running fails with it (as the emulator); queued ones wait.
+            for inv in list(self.handed_out.values()):
+                self._exit_error(inv, returncode)
+            self._reset("exit")
         elif phase is Phase.RUNNING and self.running is not None:
-            inv = self.running
-            request_id = inv.event.request_id
-            inv.reset = True
-            message = report.exit_error(request_id, returncode)
-            self._emit_platform(message, inv)
-            outcome = Outcome(error_json("Runtime.ExitError", message), JSON, "Runtime.ExitError")
-            self._complete(inv, outcome)
+            self._exit_error(self.running, returncode)
             self._reset("exit")
         else:
             # Died while idle (or between /response and /next): start a fresh one.
             self._exited_idle = self.external
             self._reset("exit")
+
+    def _exit_error(self, inv: Invocation, returncode: int | None) -> None:
+        """``inv`` ends with ``Runtime.ExitError``: the runtime exited while running it."""
+        request_id = inv.event.request_id
+        inv.reset = True
+        message = report.exit_error(request_id, returncode)
+        self._emit_platform(message, inv)
+        self._complete(inv, Outcome(error_json("Runtime.ExitError", message), JSON, "Runtime.ExitError"))
 
     # ----------------------------------------------------------------------------------- runtime side
 
@@ -577,6 +694,15 @@ class Environment:
                 await self._identify(generation, *ends)
                 if generation != self._generation or self._closing:
                     raise RuntimeGone()
+        if self.concurrent:
+            concurrent_waiter: asyncio.Future[Invocation] = loop.create_future()
+            self._waiters.append(concurrent_waiter)
+            if first:  # init is over: the deadlines of invocations waiting for it start now
+                for queued in self._queue:
+                    if queued.timer is None:
+                        self._arm_timer(queued, loop)
+            self._advance()
+            return await concurrent_waiter
         waiter: asyncio.Future[Invocation] = loop.create_future()
         self._waiter = waiter
         self._advance()
@@ -607,12 +733,16 @@ class Environment:
     def begin_result(self, request_id: str, *, error: bool) -> Invocation:
         """Validate a ``/response`` or ``/error`` before its body is read (raises RuntimeApiError)."""
         self.state.check_result(request_id, error=error)
+        if self.concurrent:
+            return self.handed_out[request_id]
         assert self.running is not None
         return self.running
 
     def finish(self, inv: Invocation, outcome: Outcome) -> None:
         """The runtime's result for ``inv`` is complete."""
-        if inv.finished.done() or self.running is not inv:
+        if inv.finished.done():
+            return
+        if (self.handed_out.get(inv.event.request_id) if self.concurrent else self.running) is not inv:
             return
         self.state.result(inv.event.request_id, error=outcome.error_type is not None)
         self._complete(inv, outcome)

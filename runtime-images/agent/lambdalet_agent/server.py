@@ -353,16 +353,9 @@ def invoke_handlers(env: Environment) -> Router:
         )
         try:
             inv = env.invoke(event)
-        except Busy:
-            return _invoke_error(
-                429,
-                "TooManyRequestsException",
-                {
-                    "errorType": "Environment.Busy",
-                    "errorMessage": "An invocation is already running in this execution environment.",
-                },
-                request_id,
-            )
+        except Busy as busy:
+            refusal = {"errorType": "Environment.Busy", "errorMessage": str(busy)}
+            return _invoke_error(429, "TooManyRequestsException", refusal, request_id)
         outcome = await inv.result
         headers = {
             "Content-Type": outcome.content_type,

@@ -14,6 +14,7 @@ from pathlib import Path
 DEFAULT_RUNTIME = "python3.12"
 INIT_TIMEOUT_S = 10.0
 MAX_MEMORY_MB = 10240
+MAX_CONCURRENCY = 1024  # invocations one environment may run at once (AWS_LAMBDA_MAX_CONCURRENCY)
 # A streamed response (Lambda-Runtime-Function-Response-Mode: streaming) may be up to 200 MB, Lambda's quota.
 STREAM_RESPONSE_LIMIT = 200 * 1024 * 1024
 TRUE_WORDS = ("1", "true", "yes")
@@ -45,6 +46,8 @@ class Settings:
     init_timeout_s: float = INIT_TIMEOUT_S
     # No bootstrap of its own: another container's Runtime API client is the runtime (code.image).
     external_runtime: bool = False
+    # Invocations run at once (Lambda Managed Instances' AWS_LAMBDA_MAX_CONCURRENCY); 1 = one at a time.
+    max_concurrency: int = 1
     # Bytes a streamed response may carry; past it the stream ends with Function.ResponseSizeTooLarge.
     stream_response_limit: int = STREAM_RESPONSE_LIMIT
 
@@ -75,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--function-name", metavar="N", help="env AWS_LAMBDA_FUNCTION_NAME")
     p.add_argument("--function-version", metavar="V", help="env AWS_LAMBDA_FUNCTION_VERSION")
     p.add_argument("--initialization-type", metavar="T", help="env AWS_LAMBDA_INITIALIZATION_TYPE")
+    p.add_argument(
+        "--max-concurrency",
+        metavar="N",
+        help="run up to N invocations at once, as Lambda Managed Instances: the runtime gets "
+        "AWS_LAMBDA_MAX_CONCURRENCY=N and may wait at /next N times (env AWS_LAMBDA_MAX_CONCURRENCY, default 1)",
+    )
     p.add_argument(
         "--external-runtime",
         action="store_true",
@@ -143,6 +152,12 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     memory = int(_number(pick(ns.memory, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"), "--memory", int))
     if not 1 <= memory <= MAX_MEMORY_MB:
         raise SettingsError(f"--memory/AWS_LAMBDA_FUNCTION_MEMORY_SIZE={memory} must be 1-{MAX_MEMORY_MB} MB")
+    concurrency = int(_number(pick(ns.max_concurrency, "AWS_LAMBDA_MAX_CONCURRENCY", "1"), "--max-concurrency", int))
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise SettingsError(f"--max-concurrency/AWS_LAMBDA_MAX_CONCURRENCY={concurrency} must be 1-{MAX_CONCURRENCY}")
+    if concurrency > 1 and external:
+        raise SettingsError("--external-runtime (LAMBDALET_EXTERNAL_RUNTIME) cannot be used with --max-concurrency > 1")
+    initialization_type = "lambda-managed-instances" if concurrency > 1 else "on-demand"
     user_env: dict[str, str] = {}
     for item in ns.env:
         key, eq, value = item.partition("=")
@@ -163,8 +178,9 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         memory_mb=memory,
         function_name=pick(ns.function_name, "AWS_LAMBDA_FUNCTION_NAME", "function"),
         function_version=pick(ns.function_version, "AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
-        initialization_type=pick(ns.initialization_type, "AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand"),
+        initialization_type=pick(ns.initialization_type, "AWS_LAMBDA_INITIALIZATION_TYPE", initialization_type),
         region=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         user_env=user_env,
         external_runtime=external,
+        max_concurrency=concurrency,
     )

@@ -7,12 +7,15 @@ in the current state raises :class:`InvalidStateTransition`, which the HTTP laye
 (``State transition from <state> to <target> failed for runtime. Error: State transition is not allowed``).
 A ``/response`` or ``/error`` naming another request id while an invocation runs raises
 :class:`InvalidRequestId` (``400 InvalidRequestID``). The state names are the emulator's.
+
+:class:`ConcurrentRuntimeState` is the state of a runtime that serves several invocations at once
+(``AWS_LAMBDA_MAX_CONCURRENCY`` > 1), after the emulator's Lambda Managed Instances mode.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Phase(enum.Enum):
@@ -40,8 +43,10 @@ class RuntimeApiError(Exception):
 
     status = 400
     error_type = ""
+    default_message = ""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str | None = None) -> None:
+        message = self.default_message if message is None else message
         super().__init__(message)
         self.message = message
 
@@ -59,13 +64,23 @@ class InvalidStateTransition(RuntimeApiError):
 class InvalidRequestId(RuntimeApiError):
     status = 400
     error_type = "InvalidRequestID"
+    default_message = "Invalid request ID"
 
-    def __init__(self) -> None:
-        super().__init__("Invalid request ID")
+
+class _InitPhase:
+    """What both states share: init ends at the first ``/next`` or with one ``/init/error``."""
+
+    phase: Phase
+
+    def init_error(self) -> None:
+        """``POST /init/error``: only during init."""
+        if self.phase is not Phase.STARTED:
+            raise InvalidStateTransition(self.phase, TARGET_INIT_ERROR)
+        self.phase = Phase.INIT_ERROR
 
 
 @dataclass(slots=True)
-class RuntimeState:
+class RuntimeState(_InitPhase):
     """The state of one runtime process (a reset starts a new one with :meth:`restart`)."""
 
     phase: Phase = Phase.STARTED
@@ -105,14 +120,84 @@ class RuntimeState:
         self.check_result(request_id, error=error)
         self.phase = Phase.RESPONSE_SENT
 
-    def init_error(self) -> None:
-        """``POST /init/error``: only during init."""
-        if self.phase is not Phase.STARTED:
-            raise InvalidStateTransition(self.phase, TARGET_INIT_ERROR)
-        self.phase = Phase.INIT_ERROR
-
     def restart(self, *, cold: bool = True) -> None:
         """A new runtime process replaces the old one (after a timeout, crash or init error)."""
         self.phase = Phase.STARTED
         self.request_id = None
+        self.cold = cold
+
+
+class InvokeTimedOut(RuntimeApiError):
+    """A ``/response`` or ``/error`` for an invocation the caller was already answered for: it timed out
+    (concurrent mode only; a timeout in standard mode resets the runtime). AWS's emulator's answer."""
+
+    status = 410
+    error_type = "InvokeTimeout"
+    default_message = "Invoke timeout"
+
+
+@dataclass(slots=True)
+class ConcurrentRuntimeState(_InitPhase):
+    """The Runtime API state of a runtime that serves up to ``limit`` invocations at once
+    (``AWS_LAMBDA_MAX_CONCURRENCY`` > 1, as Lambda Managed Instances), after AWS's emulator in that mode:
+    there is no per-runtime Ready/Running cycle, each ``/next`` is a worker waiting for an event and each
+    result names its invocation. Init ends at the first ``/next``; ``/init/error`` is accepted once,
+    during init. Up to ``limit`` ``/next`` calls may wait at once (one more is ``403``). A result for an
+    invocation that is not running is ``400 InvalidRequestID`` (also a second result for one), or ``410
+    InvokeTimeout`` once for an invocation that timed out (its worker then comes back to ``/next``)."""
+
+    limit: int
+    phase: Phase = Phase.STARTED
+    waiting: int = 0  # /next calls not answered yet
+    running: set[str] = field(default_factory=set)  # handed out, no result yet
+    timed_out: set[str] = field(default_factory=set)  # handed out and timed out, no result from the runtime yet
+    cold: bool = True
+
+    @property
+    def taken(self) -> int:
+        """Workers busy with an invocation, including those still running one that timed out."""
+        return len(self.running) + len(self.timed_out)
+
+    def next(self) -> bool:
+        """``GET /next``. Returns True when this call completes init (the first ``/next``)."""
+        if self.phase is Phase.INIT_ERROR or self.waiting >= self.limit:
+            raise InvalidStateTransition(self.phase, TARGET_READY)
+        first = self.phase is Phase.STARTED
+        self.phase = Phase.READY
+        self.waiting += 1
+        return first
+
+    def deliver(self, request_id: str) -> bool:
+        """An event goes to a waiting ``/next``. Returns True on the cold (first) invoke."""
+        if self.waiting < 1:
+            raise InvalidStateTransition(self.phase, TARGET_RUNNING)
+        self.waiting -= 1
+        self.running.add(request_id)
+        cold, self.cold = self.cold, False
+        return cold
+
+    def check_result(self, request_id: str, *, error: bool) -> None:
+        """Would a result for ``request_id`` be accepted? Raises if not (a timed-out one is forgotten)."""
+        if request_id in self.running:
+            return
+        if request_id in self.timed_out:
+            self.timed_out.discard(request_id)
+            raise InvokeTimedOut()
+        raise InvalidRequestId()
+
+    def result(self, request_id: str, *, error: bool) -> None:
+        self.check_result(request_id, error=error)
+        self.running.discard(request_id)
+
+    def time_out(self, request_id: str) -> None:
+        """The caller was answered ``Sandbox.Timedout``; the worker may still be running the invocation."""
+        if request_id in self.running:
+            self.running.discard(request_id)
+            self.timed_out.add(request_id)
+
+    def restart(self, *, cold: bool = True) -> None:
+        self.phase = Phase.STARTED
+        self.waiting = 0
+        self.running.clear()
+        self.timed_out.clear()
         self.cold = cold
