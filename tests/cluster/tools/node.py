@@ -15,8 +15,9 @@ What it does:
   reason ErrImagePull;
 - runs readiness, liveness and startup probes (httpGet, tcpSocket, exec), restarts per restartPolicy with
   back-off, and reports phase, IPs, conditions and container states on pods/status;
-- on deletion: SIGTERM to each container's process group, SIGKILL after the grace period, then removes the
-  pod object (grace 0).
+- on deletion: a container's preStop `sleep` hook (the only lifecycle hook emulated) keeps it running, and
+  probed, for that long within the grace period; then SIGTERM to each container's process group, SIGKILL
+  after the rest of the grace period, then removes the pod object (grace 0).
 
 Container output goes to <state>/pods/<namespace>_<pod>/<container>.log.
 """
@@ -860,6 +861,7 @@ class ContainerRunner:
                 grace = self.pod.grace_seconds() if stop.done() else self.spec_grace()
                 if liveness.done():
                     reason = "Error"
+                grace -= await self._pre_stop(waiter, grace)
                 await self._terminate(process, grace)
             await waiter
         finally:
@@ -897,6 +899,18 @@ class ContainerRunner:
 
     def spec_grace(self) -> float:
         return float(self.pod.spec.get("terminationGracePeriodSeconds", 30))
+
+    async def _pre_stop(self, waiter: asyncio.Task[int], grace: float) -> float:
+        """The preStop hook's `sleep` action, as the kubelet runs it before SIGTERM, within the grace period
+        (the container keeps running and being probed meanwhile). Returns the seconds it took."""
+        sleep = ((self.spec.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}
+        seconds = min(float(sleep.get("seconds") or 0), grace)
+        if seconds <= 0:
+            return 0.0
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), seconds)
+        return time.monotonic() - started
 
     @staticmethod
     async def _terminate(process: asyncio.subprocess.Process, grace: float) -> None:
