@@ -1,11 +1,13 @@
 """The gateway's Kubernetes backend: functions from ``Function`` objects, environments from pods.
 
-- ``book`` — pure bookkeeping: EndpointSlices → ready pods per Service, and which pod is handed out to
-  which start; Function objects → ``lambdalet.spec.Function``. No I/O, no clock, no asyncio tasks.
+- ``book`` — pure bookkeeping: EndpointSlices → ready pods per Service, pod objects → address, agent
+  running, deletionTimestamp; which pod is handed out to which start (a new pod as soon as its agent
+  answers); Function objects → ``lambdalet.spec.Function``. No I/O, no clock, no asyncio tasks.
 - ``api`` — the one module that calls the Kubernetes API (``kubernetes_asyncio``); nothing else here
   imports the client library.
 - ``backend`` — the :class:`~lambdalet_gateway.backend.Backend` (Deployment ``scale`` subresource up,
-  delete-then-scale down) and the watches that feed it and the dispatcher.
+  delete-then-scale down), the watches that feed it and the dispatcher, and the ``GET /readyz`` asked of
+  new pods' agents.
 
 Importing this package is cheap: the client library is imported by ``api`` only, and the gateway imports
 ``backend`` only when ``LAMBDALET_BACKEND=kubernetes``.

@@ -96,10 +96,11 @@ CONNECT_LIMIT_S: Final = 60.0
 RETRY_S: Final = 1.0
 #: How often free pods are checked against their idle timeout (local bookkeeping, no API calls).
 REAP_INTERVAL_S: Final = 1.0
-#: Asking a new pod's agent ``GET /readyz``: the first interval, doubled up to the cap after each miss,
-#: for at most PROBE_LIMIT_S (after that the pod is used once its EndpointSlice says it is ready).
-PROBE_FIRST_INTERVAL_S: Final = 0.01
-PROBE_MAX_INTERVAL_S: Final = 0.25
+#: Asking a new pod's agent ``GET /readyz``: the first interval, doubled up to the cap after each miss
+#: (a refused connection or a 503 costs the agent next to nothing; the cap bounds how late a ready agent
+#: is noticed), for at most PROBE_LIMIT_S (after that the pod is used once its EndpointSlice says ready).
+PROBE_FIRST_INTERVAL_S: Final = 0.005
+PROBE_MAX_INTERVAL_S: Final = 0.05
 PROBE_LIMIT_S: Final = 60.0
 PROBE_TIMEOUT_S: Final = 1.0
 #: How long lowering the replicas waits for pods in use to be Ready (see the module docstring).
