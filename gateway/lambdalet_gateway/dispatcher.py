@@ -482,8 +482,7 @@ class Dispatcher:
         if trace_id:
             headers["X-Amzn-Trace-Id"] = trace_id
         try:
-            async with asyncio.timeout_at(deadline):
-                response = await env.connect().post(_INVOKE_PATH, headers, payload)
+            response = await env.connect().post(_INVOKE_PATH, headers, payload, deadline=deadline)
         except (OSError, AgentConnectionError, TimeoutError) as exc:
             if not isinstance(exc, AgentConnectionError | TimeoutError):
                 # The client raises a plain OSError only when connecting failed: nothing was sent.

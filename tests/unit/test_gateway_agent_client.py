@@ -296,3 +296,39 @@ async def test_a_chunked_answer_without_the_stream_marker_is_buffered() -> None:
         assert response.stream is None
         assert response.body == b"ab"
         connection.close()
+
+
+# ---- the deadline -----------------------------------------------------------------------------------
+
+
+async def test_no_answer_by_the_deadline_is_a_timeout_and_drops_the_connection(
+    agent: StreamingAgent, connection: AgentConnection
+) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await connection.post(b"/", {}, b"{}", deadline=started + 0.2)
+    assert 0.2 <= loop.time() - started < 2
+    assert not connection.open
+    assert len(agent.requests) == 1
+    # a body that stops arriving halfway is a timeout too (DIE ends the first connection's handler)
+    agent.send(DIE, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+    with pytest.raises(TimeoutError):
+        await connection.post(b"/", {}, b"{}", deadline=loop.time() + 0.2)
+    assert agent.connections == 2
+
+
+async def test_a_timely_answer_leaves_no_timer_behind(agent: StreamingAgent, connection: AgentConnection) -> None:
+    loop = asyncio.get_running_loop()
+    agent.send(ok(b"first"), END)
+    assert (await connection.post(b"/", {}, b"{}", deadline=loop.time() + 0.1)).body == b"first"
+    await asyncio.sleep(0.2)  # past the first deadline: the connection is still good for the next request
+    agent.send(ok(b"second"), END)
+    assert (await connection.post(b"/", {}, b"{}", deadline=loop.time() + 5)).body == b"second"
+    assert agent.connections == 1
+    # a streamed answer's head arrived in time: its body is read past that deadline
+    agent.send(STREAM_HEAD, chunk(b"late"))
+    response = await connection.post(b"/", {}, b"{}", deadline=loop.time() + 0.1)
+    assert response.stream is not None
+    await asyncio.sleep(0.2)
+    assert await response.stream.read() == b"late"
