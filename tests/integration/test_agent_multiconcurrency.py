@@ -171,11 +171,12 @@ async def running_lmi_rie(
         "[ -d /var/task ] || { mount -t tmpfs tmpfs /var && mkdir /var/task; } && "
         'mount --bind "$0" /var/task && exec "$@"'
     )
+    log = (code.parent / "emulator.log").open("wb")  # kept with the test's files, for a failure's story
     rie = [rie_binary(), "--runtime-interface-emulator-address", f"127.0.0.1:{port}"]
     rie += ["--runtime-api-address", f"127.0.0.1:{api_port}"]
     process = await asyncio.create_subprocess_exec(
         "unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(code), *rie,
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env=env, stdout=log, stderr=log,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}{INVOKE_PATH}"
     try:
@@ -191,6 +192,7 @@ async def running_lmi_rie(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await process.wait()
+        log.close()
 
 
 async def burst(session: aiohttp.ClientSession, url: str, events: Sequence[dict[str, Any]]) -> list[Invoked]:
@@ -444,3 +446,41 @@ async def test_callers_see_what_they_see_under_awss_emulator(tmp_path: Path, nam
         else ["Sandbox.Timedout"] + [f"ok, {N - 1} at once"] * (N - 1),
     }
     assert ours == sorted(expected[name])
+
+
+# ------------------------------------------------------------------------------------ the command line
+
+
+async def test_lambdalet_agent_max_concurrency_flag(tmp_path: Path) -> None:
+    code = function_dir(tmp_path)
+    folder = Barriers(code).new()
+    port_file = tmp_path / "port"
+    lambdalet = str(Path(sys.executable).with_name("lambdalet"))
+    argv = [lambdalet, "agent", "--code", str(code), "--handler", "fn.handler", "--port", "0"]
+    argv += ["--port-file", str(port_file), "--max-concurrency", "2"]
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        async with asyncio.timeout(20):
+            while b"agent listening" not in (line := await process.stderr.readline()):
+                pass
+        url = f"http://127.0.0.1:{int(port_file.read_text())}{INVOKE_PATH}"
+        async with aiohttp.ClientSession() as session:
+            results = await burst(session, url, [{"dir": folder, "n": 2}] * 2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.communicate()
+    assert b"2 invocation(s) at once" in line
+    assert [r.json()["seen"] for r in results] == [2, 2]
+
+
+async def test_lambdalet_agent_refuses_a_bad_max_concurrency() -> None:
+    lambdalet = str(Path(sys.executable).with_name("lambdalet"))
+    process = await asyncio.create_subprocess_exec(
+        lambdalet, "agent", "--handler", "a.b", "--max-concurrency", "0", stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert b"--max-concurrency/AWS_LAMBDA_MAX_CONCURRENCY=0 must be 1-1024" in stderr

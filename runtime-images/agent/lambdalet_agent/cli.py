@@ -20,11 +20,12 @@ async def _serve(agent: Agent) -> None:
     await agent.start()
     s = agent.settings
     logging.getLogger("lambdalet.agent").info(
-        "agent listening on %s:%d (Runtime API %s, memory limit via %s)",
+        "agent listening on %s:%d (Runtime API %s, memory limit via %s, %d invocation(s) at once)",
         s.host,
         agent.port,
         agent.env.runtime_api_address,
         agent.limiter.mechanism,
+        s.max_concurrency,
     )
     try:
         await stop.wait()
