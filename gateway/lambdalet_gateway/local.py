@@ -147,28 +147,34 @@ class LocalBackend:
         for key, value in spec.environment.variables.items():
             argv += ["--env", f"{key}={value}"]
         cgroup = await asyncio.to_thread(self._cpu.create, env_id, spec.memoryMB) if self._cpu else None
-        proc = await self._zygote.take(argv[4:], str(code_dir), cgroup) if self._zygote is not None else None
-        if proc is None:
-            if cgroup is not None:
-                # join the CPU cgroup before the agent (and the runtime it starts) runs a single instruction
-                argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup), *argv]
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=self._base_env,
-                cwd=str(code_dir),
-                start_new_session=True,
-            )
-        handle = _Process(proc, cgroup=cgroup)
-        environment = Environment(id=env_id, function=function.name, url="", provisioned=provisioned, handle=handle)
-        handle.readers = [
-            asyncio.create_task(self._pump_stdout(environment, proc)),
-            asyncio.create_task(self._pump_stderr(environment, proc)),
-        ]
+        forked = self._zygote is not None
+        while True:
+            proc = await self._zygote.take(argv[4:], str(code_dir), cgroup) if self._zygote and forked else None
+            if proc is None:
+                forked = False
+                proc = await self._spawn(argv, code_dir, cgroup)
+            handle = _Process(proc, cgroup=cgroup)
+            environment = Environment(id=env_id, function=function.name, url="", provisioned=provisioned, handle=handle)
+            handle.readers = [
+                asyncio.create_task(self._pump_stdout(environment, proc)),
+                asyncio.create_task(self._pump_stderr(environment, proc)),
+            ]
+            try:
+                port = await self._wait_port(proc, port_file)
+                break
+            except StartError as exc:
+                if not forked:
+                    await self._terminate(handle)
+                    raise
+                # a spare that died (killed, or the zygote with it) costs no cold start: spawn the agent
+                handle.cgroup = None  # kept for the spawned agent
+                await self._terminate(handle)
+                log.warning("forked agent for %s failed (%s); spawning it", env_id, exc, extra={"environment": env_id})
+                forked = False
+            except BaseException:
+                await self._terminate(handle)
+                raise
         try:
-            port = await self._wait_port(proc, port_file)
             environment.url = f"http://127.0.0.1:{port}"
             # The agent listens once its runtime is started; it holds an invocation that arrives during init
             # until init ends (and answers it with the init error if init fails), so an on-demand environment
@@ -190,6 +196,20 @@ class LocalBackend:
             extra={"function": function.name, "environment": env_id},
         )
         return environment
+
+    async def _spawn(self, argv: list[str], code_dir: Path, cgroup: Path | None) -> asyncio.subprocess.Process:
+        if cgroup is not None:
+            # join the CPU cgroup before the agent (and the runtime it starts) runs a single instruction
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup), *argv]
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self._base_env,
+            cwd=str(code_dir),
+            start_new_session=True,
+        )
 
     def _code_dir(self, function: Function) -> Path:
         code = function.spec.code

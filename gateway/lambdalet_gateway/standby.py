@@ -6,7 +6,10 @@ imports once; every environment's agent is forked from it, so a cold start no lo
 forked agents share the imported code's memory pages. The zygote also keeps ``spares`` agents forked ahead
 (each a process waiting for the one order that tells it which environment to be), handed to the next cold
 starts and replaced in the background a little later, so the replacement does not compete with the cold
-start it serves.
+start it serves. While it waits, a spare copies the memory pages it shares with the zygote
+(``MADV_POPULATE_WRITE`` on the pages present), which the agent's start would otherwise copy one page fault
+at a time: about 3-5 ms less per cold start on a 2-core machine, for an environment as large in memory as
+a spawned one (an agent forked on demand in a burst keeps sharing its pages).
 
 An order carries the agent's command-line flags, its working directory and, when CPU limits are on, the
 cgroup to join first. A forked agent then runs exactly the code of ``python -m lambdalet_agent FLAGS``:
@@ -53,7 +56,7 @@ ZYGOTE_MARK = "# lambdalet agent zygote"
 ZYGOTE_PROGRAM = (
     ZYGOTE_MARK
     + """
-import gc, json, os, selectors, signal, socket, sys, time, traceback
+import ctypes, gc, json, os, selectors, signal, socket, sys, time, traceback
 from lambdalet_agent import cli
 
 # what is imported now stays shared with every forked agent: keep the collector from touching (copying) it
@@ -75,6 +78,40 @@ def show_argv(argv):
         pass
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MADV_POPULATE_WRITE = 23  # Linux 5.14+; elsewhere madvise fails and nothing is copied ahead
+madvise = ctypes.CDLL(None, use_errno=True).madvise
+madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def unshare():
+    # Copy now, while this spare waits, the memory pages it still shares with the zygote (copy-on-write):
+    # the cold start it serves then writes its objects without a page fault and a copy for each page. Only
+    # pages present in the private writable mappings (the heap, Python's arenas) are touched, so no memory
+    # is added beyond the copies; their content is unchanged (MADV_POPULATE_WRITE simulates a write fault).
+    try:
+        with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            regions = []
+            for line in maps:
+                fields = line.split()
+                anonymous = len(fields) < 6 or fields[5] == "[heap]"
+                if anonymous and fields[1].startswith("rw") and fields[1].endswith("p"):
+                    regions.append([int(x, 16) for x in fields[0].split("-")])
+            for lo, hi in regions:
+                pagemap.seek(lo // PAGE * 8)
+                entries = memoryview(pagemap.read((hi - lo) // PAGE * 8)).cast("Q")
+                start = None
+                for index in range(len(entries) + 1):
+                    present = index < len(entries) and entries[index] >> 63
+                    if present and start is None:
+                        start = index
+                    elif not present and start is not None:
+                        madvise(lo + start * PAGE, (index - start) * PAGE, MADV_POPULATE_WRITE)
+                        start = None
+    except (OSError, ValueError):
+        pass
+
+
 control = socket.socket(fileno=int(sys.argv[1]))
 keep = int(sys.argv[2])
 refill_delay = float(sys.argv[3])
@@ -86,11 +123,10 @@ selector = selectors.DefaultSelector()
 selector.register(control, selectors.EVENT_READ)
 selector.register(wake_r, selectors.EVENT_READ)
 spares = []  # [pid, order_w, out_r, err_r], oldest first
-discarded = set()  # spares that died before their order: their exit is nobody's business
 refill_at = 0.0
 
 
-def spare(order_r, out_w, err_w):
+def spare(order_r, out_w, err_w, ahead):
     # A forked agent: wait for the order, then become that agent. Never returns.
     code = 1
     try:
@@ -103,6 +139,8 @@ def spare(order_r, out_w, err_w):
         os.dup2(err_w, 2)
         for fd in (null, out_w, err_w):
             os.close(fd)
+        if ahead:
+            unshare()
         data = b""
         while chunk := os.read(order_r, 1 << 16):
             data += chunk
@@ -130,7 +168,7 @@ def spare(order_r, out_w, err_w):
         os._exit(code or 0)
 
 
-def fork_spare():
+def fork_spare(ahead):
     order_r, order_w = os.pipe()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -140,7 +178,7 @@ def fork_spare():
         control.close()
         for fd in [wake_r, wake_w, order_w, out_r, err_r, *(fd for s in spares for fd in s[1:])]:
             os.close(fd)
-        spare(order_r, out_w, err_w)
+        spare(order_r, out_w, err_w, ahead)
     for fd in (order_r, out_w, err_w):
         os.close(fd)
     entry = [pid, order_w, out_r, err_r]
@@ -167,26 +205,25 @@ def reap():
                 close_spare(entry)
                 break
         else:
-            if pid in discarded:
-                discarded.discard(pid)
-                continue
             control.send(b"exit %d %d" % (pid, os.waitstatus_to_exitcode(status)))
 
 
 def serve(order):
-    data = json.dumps(order).encode()
     while True:
-        entry = spares[0] if spares else fork_spare()
+        entry = spares[0] if spares else fork_spare(False)  # a burst: no time to copy pages ahead
         spares.remove(entry)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(entry[1], view) :]
+        if not os.waitpid(entry[0], os.WNOHANG)[0]:
             break
-        except OSError:  # a spare that died unnoticed: try the next one
-            discarded.add(entry[0])
-            close_spare(entry)
+        close_spare(entry)  # it died (reaped now, its exit is nobody's business): take the next
+    # The gateway learns the agent's pid before the agent exists: if this zygote dies now, the spare reads
+    # end-of-file and exits, and the gateway sees that exit (and spawns the agent instead).
     socket.send_fds(control, [b"spawn %d %d" % (order["id"], entry[0])], entry[2:])
+    try:
+        view = memoryview(json.dumps(order).encode())
+        while view:
+            view = view[os.write(entry[1], view) :]
+    except OSError:
+        pass  # it died meanwhile: its exit is reported, as any agent's
     close_spare(entry)
 
 
@@ -203,7 +240,7 @@ def shutdown():
 
 while True:
     if len(spares) < keep and time.monotonic() >= refill_at:
-        fork_spare()
+        fork_spare(True)
         continue
     timeout = max(0.0, refill_at - time.monotonic()) if len(spares) < keep else None
     for key, _ in selector.select(timeout):

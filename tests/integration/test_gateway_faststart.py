@@ -89,6 +89,11 @@ def children(pid: int) -> set[int]:
         return set()
 
 
+def spares(zygote: int) -> set[int]:
+    """The zygote's children that wait for an order (an agent that serves an environment runs a runtime)."""
+    return {child for child in children(zygote) if not children(child)}
+
+
 def the_zygote() -> int:
     wait_for(lambda: len(zygotes()) == 1, what="the zygote")
     (zygote,) = zygotes()
@@ -196,16 +201,16 @@ def test_the_zygotes_death_costs_no_cold_start(tmp_path: Path) -> None:
         assert warm["agent_parent"] == zygote
 
         # killed while idle: its spare exits, the environments it forked keep serving
-        spares = children(zygote) - {warm["agent"]}
+        waiting = spares(zygote)
         os.kill(zygote, signal.SIGKILL)
-        wait_for(lambda: not process_tree(spares), what="the dead zygote's spare to exit")
+        wait_for(lambda: not process_tree(waiting), what="the dead zygote's spare to exit")
         assert invoke(gateway, "warm")["agent"] == warm["agent"]
 
         # the next cold start does not wait for a new zygote; one is started again for the ones after
         first = invoke(gateway, names[0])
         assert first["agent_parent"] in (os.getpid(), *zygotes())
         zygote = the_zygote()
-        wait_for(lambda: len(children(zygote)) == 1, what="the new zygote's spare")
+        wait_for(lambda: len(spares(zygote)) == 1, what="the new zygote's spare")
         second = invoke(gateway, names[1])
         assert second["agent_parent"] == zygote
 
@@ -214,8 +219,8 @@ def test_the_zygotes_death_costs_no_cold_start(tmp_path: Path) -> None:
         assert invoke(gateway, names[2])["env"]["AWS_LAMBDA_FUNCTION_NAME"] == names[2]
         # a spare killed before its turn is replaced, and the cold start it would have served still succeeds
         zygote = the_zygote()
-        wait_for(lambda: len(children(zygote)) == 1, what="the spare")
-        (spare,) = children(zygote)
+        wait_for(lambda: len(spares(zygote)) == 1, what="the spare")
+        (spare,) = spares(zygote)
         os.kill(spare, signal.SIGKILL)
         assert invoke(gateway, names[3])["agent"] != spare
 
