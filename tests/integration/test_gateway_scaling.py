@@ -1,5 +1,10 @@
 """Scaling with real agent processes: scale from zero, scale out under concurrency, idle environments
-stopped with no process left behind, provisioned environments started ahead and warm."""
+stopped with no process left behind, provisioned environments started ahead and warm.
+
+With fast start (the default) two platform processes stay while the gateway runs: the zygote agents are
+forked from and one spare agent forked ahead. They are not environments: they run in the gateway's working
+directory, hold no function's code, settings or variables, and a function with zero environments has no
+process."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway_support import process_tree, processes_in, running_gateway, wait_for, write_function
+from test_gateway_faststart import zygotes
 
 HELLO = """
 import os
@@ -72,6 +78,12 @@ def test_idle_environments_stop_and_leave_no_process(tmp_path: Path) -> None:
         wait_for(lambda: not process_tree(agents), timeout=10, what="the processes to exit")
         assert not processes_in(gateway.state_dir)
         assert not process_tree(members)
+        # what remains: the zygote and its spare, platform processes that know no function
+        (zygote,) = zygotes()
+        wait_for(lambda: len(process_tree({zygote})) == 2, what="the zygote's spare")
+        for pid in process_tree({zygote}):
+            assert b"brief" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert Path(f"/proc/{pid}/cwd").readlink() == Path.cwd()
         # and it starts again on demand
         assert gateway.invoke("brief")[0] == 200
 
