@@ -207,7 +207,7 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
             res["cold"] = cold.run(workdir, plan.cold_trials, binary, log)
         if gateway is not None:
             with r.section("cold (gateway)"):
-                res.setdefault("cold", {}).update(gateway_cold(gateway, workdir, cold_names, cold_marks))
+                res.setdefault("cold", {}).update(gateway_cold(gateway, workdir, cold_names, cold_marks, binary))
             gateway.stop()
             started_targets.remove(gateway)
         with r.section("scale (gateway)"):
@@ -257,10 +257,15 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
     return res, r.errors
 
 
-def gateway_cold(gateway: targets.Target, workdir: Path, names: list[str], marks: list[Path]) -> dict[str, Any]:
+def gateway_cold(
+    gateway: targets.Target, workdir: Path, names: list[str], marks: list[Path], binary: Path
+) -> dict[str, Any]:
     """First invocations through the default gateway and through one per other configuration of
-    ``cold.GATEWAY_CONFIGS`` (fast start off, no spare), alternating trial by trial."""
-    return cold.gateway_run(workdir, names, cold.GATEWAY_CONFIGS, log, started={"gateway": (gateway, marks)})
+    ``cold.GATEWAY_CONFIGS`` (fast start off, no spare), with an emulator trial (``rie_gateway_rounds``)
+    in every round, so the gateway's cold starts are compared with the emulator's on the same machine."""
+    others = {"rie_gateway_rounds": lambda i: cold.rie_trial(workdir, 1000 + i, binary)}
+    started = {"gateway": (gateway, marks)}
+    return cold.gateway_run(workdir, names, cold.GATEWAY_CONFIGS, log, started=started, others=others)
 
 
 def _optional_async_bench() -> Callable[[bool], dict[str, Any]] | None:
