@@ -302,12 +302,14 @@ async def test_a_timeout_cuts_one_invocation_and_its_worker_comes_back(tmp_path:
         await workers_waiting(agent)
         env = agent.agent.env
         runtime_pid = env.process.pid if env.process is not None else 0
-        slow = {"op": "sleep", "seconds": 4, "tag": "slow"}
+        hold = barriers.new()
+        slow = {"dir": hold, "n": 2, "wait": 60}  # inside until a second file appears in its folder
         results = await asyncio.gather(
             agent.invoke(slow), *(agent.invoke({"op": "sleep", "seconds": 0.2, "tag": i}) for i in range(N - 1))
         )
-        # Its worker is still sleeping: one fewer invocation fits now.
+        # Its worker is still inside: one fewer invocation fits now.
         reduced = await asyncio.gather(*(agent.invoke({"op": "sleep", "seconds": 0.2}) for _ in range(N)))
+        (code / hold / "release").touch()
         await until(lambda: not env.cstate.timed_out)  # the late result came (and was refused)
         await workers_waiting(agent)
         folder = barriers.new()
@@ -409,7 +411,7 @@ async def _scenario(name: str, session: aiohttp.ClientSession, url: str, barrier
     elif name == "one_more":
         events = [{"dir": folder, "n": N + 1, "wait": 1.5}] * (N + 1)
     elif name == "timeout":
-        events = [{"op": "sleep", "seconds": 2.5}] + [{"dir": folder, "n": N - 1}] * (N - 1)
+        events = [{"op": "sleep", "seconds": 4}] + [{"dir": folder, "n": N - 1}] * (N - 1)
     else:
         # The others are inside (waiting for a barrier that never fills) when the crash comes.
         events = [{"op": "crash", "after": 0.3, "code": 7}] + [{"dir": folder, "n": 99, "wait": 1.5}] * (N - 1)
@@ -430,10 +432,10 @@ async def test_callers_see_what_they_see_under_awss_emulator(tmp_path: Path, nam
         assert python is not None
         rie_command, agent_command = (python, "-m", "awslambdaric", "fn.handler"), RIC
     code = function_dir(tmp_path / "rie")
-    async with running_lmi_rie(code, N, timeout_s=2, command=rie_command) as url, aiohttp.ClientSession() as session:
+    async with running_lmi_rie(code, N, timeout_s=3, command=rie_command) as url, aiohttp.ClientSession() as session:
         theirs = await _scenario(name, session, url, Barriers(code))
     code = function_dir(tmp_path / "agent")
-    async with concurrent_agent(code, timeout_s=2, command=agent_command) as agent:
+    async with concurrent_agent(code, timeout_s=3, command=agent_command) as agent:
         ours = await _scenario(name, agent.session, agent.url + INVOKE_PATH, Barriers(code))
     assert ours == theirs
     expected = {
