@@ -14,7 +14,10 @@ import pytest
 from aiohttp import web
 from lambdalet_gateway.backend import Environment
 from lambdalet_gateway.kube import backend as kube_backend
+from lambdalet_gateway.kube.backend import KubernetesBackend
 from lambdalet_gateway.kube.book import Endpoint, Instances, Pod, PodBook, pod_of
+from lambdalet_gateway.registry import Catalog
+from lambdalet_gateway.settings import Settings, SettingsError
 from test_kube_backend import NS, FakeApi, Harness, deployment, endpoint_slice, function_object, opened
 
 Obj = dict[str, Any]
@@ -333,3 +336,26 @@ async def test_replicas_are_lowered_only_once_the_pods_in_use_are_ready(
     assert api.calls == [("scale", "hello", 2), ("delete", "hello-a"), ("scale", "hello", 1)]
     assert early.id == f"{NS}/hello-b"
     await harness.backend.close()
+
+
+async def test_asking_agents_can_be_turned_off_and_a_bad_value_is_named(
+    agent_factory: Callable[[list[int]], Any],
+) -> None:
+    agent = await agent_factory([200])
+    api = FakeApi(functions=[function_object("hello")], deployments=[deployment("hello", 0)])
+    settings = Settings(backend="kubernetes", namespaces=(NS,))
+    backend = KubernetesBackend(settings, lambda env: None, api=api, environ={"LAMBDALET_KUBE_PROBE_AGENTS": "0"})
+    catalogs: list[Catalog] = []
+    await backend.registry(catalogs.append).reload()
+    start = asyncio.create_task(backend.start(catalogs[-1].functions["hello"].function, provisioned=False))
+    await asyncio.sleep(0.01)
+    api.emit("pods", "ADDED", pod_object("hello-a"))
+    await asyncio.sleep(0.01)
+    api.emit("pods", "MODIFIED", pod_object("hello-a", address="127.0.0.1", port=agent.port, running=True))
+    await asyncio.sleep(0.2)
+    assert agent.asked == 0 and not start.done()
+    api.emit("endpointslices", "ADDED", endpoint_slice("hello", ("hello-a", True)))
+    assert (await asyncio.wait_for(start, 5)).url == "http://10.0.0.1:8080"
+    await backend.close()
+    with pytest.raises(SettingsError, match="LAMBDALET_KUBE_PROBE_AGENTS must be true or false"):
+        KubernetesBackend(settings, lambda env: None, api=api, environ={"LAMBDALET_KUBE_PROBE_AGENTS": "maybe"})

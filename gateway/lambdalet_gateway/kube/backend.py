@@ -56,7 +56,7 @@ import aiohttp
 from lambdalet.spec import Function, SpecError
 from lambdalet_gateway.backend import Environment, EnvironmentId, LostCallback, StartError
 from lambdalet_gateway.registry import Catalog, FunctionRecord, Registry
-from lambdalet_gateway.settings import Settings
+from lambdalet_gateway.settings import Settings, SettingsError
 
 from .api import (
     DEPLOYMENTS,
@@ -103,6 +103,9 @@ PROBE_FIRST_INTERVAL_S: Final = 0.005
 PROBE_MAX_INTERVAL_S: Final = 0.05
 PROBE_LIMIT_S: Final = 60.0
 PROBE_TIMEOUT_S: Final = 1.0
+#: ``0``/``false``: never ask agents directly; every pod waits for its EndpointSlice endpoint (the kubelet's
+#: readiness probe), as before this path existed. For comparisons (benchmarks.k8s_cold_start) and as a way out.
+PROBE_AGENTS_VARIABLE: Final = "LAMBDALET_KUBE_PROBE_AGENTS"
 #: How long lowering the replicas waits for pods in use to be Ready (see the module docstring).
 LOWER_WAIT_S: Final = 30.0
 LOWER_POLL_S: Final = 0.1
@@ -184,6 +187,7 @@ class KubernetesBackend:
         self._settings = settings
         self._on_lost = on_lost
         self._environ = dict(os.environ if environ is None else environ)
+        self._probe_agents = _flag(self._environ, PROBE_AGENTS_VARIABLE, default=True)
         self._scopes: tuple[str | None, ...] = settings.namespaces or (None,)
         self._api: Api | None = api
         self._detached = False
@@ -440,6 +444,8 @@ class KubernetesBackend:
         self._probe_candidates(state)
 
     def _probe_candidates(self, state: _FunctionState) -> None:
+        if not self._probe_agents:
+            return
         for pod in state.instances.candidates():
             state.instances.probing.add(pod.name)
             self._spawn(self._probe(state, pod))
@@ -718,6 +724,17 @@ class KubernetesBackend:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("Kubernetes backend task failed", exc_info=task.exception())
+
+
+def _flag(environ: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"0", "false", "no"}:
+        return False
+    if raw in {"1", "true", "yes"}:
+        return True
+    raise SettingsError(f"{name} must be true or false (got {environ[name]!r})")
 
 
 def _fields(env: Environment) -> dict[str, str]:
