@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -382,6 +383,47 @@ async def test_awslambdaric_runs_n_workers_under_the_agent(tmp_path: Path) -> No
     assert [r.json()["tag"] for r in results] == list(range(N))
     assert {r.json()["seen"] for r in results} == {N}
     assert len({r.json()["pid"] for r in results}) == N
+
+
+async def test_the_runtime_api_with_the_test_as_the_runtime(tmp_path: Path) -> None:
+    """Two workers at /next, a third refused; results in any order, each to its caller; no second result."""
+    idle = (sys.executable, "-c", "import time; time.sleep(600)")
+    async with concurrent_agent(tmp_path, workers=2, command=idle) as agent:
+        base = f"http://{agent.agent.env.runtime_api_address}/2018-06-01/runtime"
+
+        async def next_event() -> tuple[str, bytes]:
+            async with agent.session.get(f"{base}/invocation/next") as response:
+                return response.headers["Lambda-Runtime-Aws-Request-Id"], await response.read()
+
+        async def respond(request_id: str, body: bytes) -> tuple[int, Any]:
+            async with agent.session.post(f"{base}/invocation/{request_id}/response", data=body) as response:
+                return response.status, await response.json(content_type=None)
+
+        workers = [asyncio.create_task(next_event()) for _ in range(2)]
+        await until(lambda: agent.agent.env.cstate.waiting == 2)
+        async with agent.session.get(f"{base}/invocation/next") as third:
+            refused = (third.status, await third.json())
+        callers = [asyncio.create_task(agent.invoke({"caller": i})) for i in range(2)]
+        events = dict(await asyncio.gather(*workers))
+        by_caller = {json.loads(body)["caller"]: request_id for request_id, body in events.items()}
+        answers = [await respond(by_caller[i], json.dumps({"answer": i}).encode()) for i in (1, 0)]
+        again = await respond(by_caller[0], b"{}")
+        async with agent.session.post(f"{base}/init/error", data=b"{}") as late_init_error:
+            init_status = late_init_error.status
+        results = await asyncio.gather(*callers)
+    assert refused == (
+        403,
+        {
+            "errorMessage": "State transition from Ready to Ready failed for runtime. "
+            "Error: State transition is not allowed",
+            "errorType": "InvalidStateTransition",
+        },
+    )
+    assert [status for status, _ in answers] == [202, 202]
+    assert again == (400, {"errorMessage": "Invalid request ID", "errorType": "InvalidRequestID"})
+    assert init_status == 403
+    assert [r.json() for r in results] == [{"answer": 0}, {"answer": 1}]
+    assert [r.headers["x-amzn-RequestId"] for r in results] == [by_caller[0], by_caller[1]]
 
 
 # ------------------------------------------------------------------------------------ conformance
