@@ -11,9 +11,10 @@ its last chunk, so the client sees it truncated, as with function URLs).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-import uuid
+import os
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -48,6 +49,17 @@ DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
 
 #: Payloads larger than this are validated as JSON in a worker thread, off the event loop.
 _THREAD_JSON_BYTES = 256 * 1024
+
+#: A caller's FunctionName and Qualifier, parsed once per distinct pair (parsing is pure; a miss costs a
+#: regular-expression match, a hit a dictionary lookup).
+_function_ref = functools.lru_cache(maxsize=1024)(parse_function_name)
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID as Lambda's request ids are: ``str(uuid.uuid4())``, formatted from 16
+    random bytes directly (half the time; one is made for every invocation)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 async def _read_body(request: web.Request, request_id: str) -> bytes:
@@ -85,8 +97,9 @@ class _Invocation:
 
 async def _parse(request: web.Request, request_id: str, types: tuple[str, ...]) -> _Invocation:
     dispatcher = request.app[DISPATCHER]
+    qualifier = request.query.get("Qualifier") if request.query_string else None
     try:
-        ref = parse_function_name(request.match_info["name"], request.query.get("Qualifier"))
+        ref = _function_ref(request.match_info["name"], qualifier)
     except InvalidFunctionName as exc:
         raise InvalidParameterValue(str(exc)) from None
     if dispatcher.function(ref.name) is None or ref.qualifier not in {None, LATEST}:
@@ -115,7 +128,7 @@ async def _parse(request: web.Request, request_id: str, types: tuple[str, ...]) 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
     """``POST /2015-03-31/functions/{name}/invocations``."""
-    request_id = str(uuid.uuid4())
+    request_id = new_request_id()
     try:
         return await _invoke(request, request_id)
     except LambdaError as exc:
@@ -159,7 +172,7 @@ async def invoke_with_response_stream(request: web.Request) -> web.StreamRespons
     stream of ``PayloadChunk`` events (one per chunk the function wrote; one with the whole result for a
     function that does not stream) and a final ``InvokeComplete`` with ``ErrorCode`` (the error type),
     ``ErrorDetails`` (its message) and ``LogResult``."""
-    request_id = str(uuid.uuid4())
+    request_id = new_request_id()
     dispatcher = request.app[DISPATCHER]
     try:
         call = await _parse(request, request_id, ("RequestResponse", "DryRun"))
@@ -240,7 +253,7 @@ def _http_error(status: int, message: str, request_id: str, error_type: str | No
 
 async def http_route(request: web.Request) -> web.StreamResponse:
     """``ANY /fn/{name}[/{path}]``: the request as a payload format 2.0 event, the result as the response."""
-    request_id = str(uuid.uuid4())
+    request_id = new_request_id()
     dispatcher = request.app[DISPATCHER]
     name = request.match_info["name"]
     if dispatcher.function(name) is None:
