@@ -659,7 +659,9 @@ class KubernetesBackend:
         # before it has seen the deletion: wait until the pods in use are ready.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOWER_WAIT_S
-        while state.instances.early and not state.removed:
+        while state.instances.early:
+            if state.removed or self._detached:
+                return  # the function is gone, or the gateway is shutting down: its pods stay as they are
             if loop.time() >= deadline:
                 log.warning(
                     "not lowering the replicas of %s/%s: pods in use are still not Ready (%s)",
