@@ -44,6 +44,7 @@ from agent_support import (
     running_agent,
     until,
 )
+from lambdalet_agent.memory import CGROUP_V1_MEMORY, CgroupV1Limiter
 
 N = 3
 RIC = (sys.executable, "-m", "awslambdaric", "fn.handler")
@@ -111,6 +112,10 @@ def _system_python() -> str | None:
         if version == str(sys.version_info[:2]):
             return candidate
     return None
+
+
+def _cgroups_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
 
 
 def _descendants(pid: int) -> list[int]:
@@ -252,6 +257,8 @@ async def test_n_invocations_run_at_once_and_each_caller_gets_its_own(tmp_path: 
             *(agent.invoke({"dir": folder, "n": N, "tag": i}, headers=tail) for i in range(N))
         )
         logs = agent.logs()
+        limiter = agent.agent.limiter
+        cgroups = [_cgroups_of(r.json()["pid"]) for r in results]
     bodies = [r.json() for r in results]
     assert [r.status for r in results] == [200] * N
     assert [b["tag"] for b in bodies] == list(range(N))  # each caller got the answer to its own event
@@ -272,6 +279,9 @@ async def test_n_invocations_run_at_once_and_each_caller_gets_its_own(tmp_path: 
         assert f"REPORT RequestId: {request_id}" in tail_log
         assert not any(other in tail_log for other in ids if other != request_id)
     assert sum("X-Lambdalet-Init-Duration-Ms" in r.headers for r in results) == 1  # the one cold start
+    if isinstance(limiter, CgroupV1Limiter):  # every worker is under the memory limit
+        own = f":memory:/{limiter.path.relative_to(CGROUP_V1_MEMORY)}\n"
+        assert all(own in text for text in cgroups)
 
 
 async def test_one_more_than_n_is_busy(tmp_path: Path) -> None:

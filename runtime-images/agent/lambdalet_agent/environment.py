@@ -47,6 +47,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from lambdalet_agent import report
@@ -701,12 +702,23 @@ class Environment:
                 for queued in self._queue:
                     if queued.timer is None:
                         self._arm_timer(queued, loop)
+                if self.process is not None:
+                    self._attach_workers(self.process.pid)
             self._advance()
             return await concurrent_waiter
         waiter: asyncio.Future[Invocation] = loop.create_future()
         self._waiter = waiter
         self._advance()
         return await waiter
+
+    def _attach_workers(self, pid: int) -> None:
+        """Put the runtime's worker processes under the memory limit too. They inherit it when they are
+        forked after the runtime was attached (right after its spawn); this covers a runtime that forked
+        sooner than the agent attached it. The main process is watched again for its peak RSS."""
+        with contextlib.suppress(OSError):
+            for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                self.limiter.attach(int(child))
+        self.limiter.attach(pid)
 
     async def _identify(self, generation: int, runtime_end: Endpoint, agent_end: Endpoint) -> None:
         """Find and watch the external runtime's process (see lambdalet_agent.external)."""
