@@ -10,17 +10,23 @@ measured in the same run, with the load average before and after (the machine is
 
 ``--gateway asyncio uvloop asyncio@HEAD~3 asyncio@DIR`` compares gateways in the same run: under uvloop
 (set as the event loop policy by a wrapper around ``lambdalet up``), or the gateway package as it was at
-a git revision or as it is in another directory.
-``--profile FILE`` runs the gateway under cProfile on its CPU clock and writes the stats there when it
-stops (the CPU figures then include the profiler's). Nothing is asserted: this is a measuring tool.
+a git revision or as it is in another directory; ``asyncio-quiet`` runs ``lambdalet up --quiet`` (no echo
+of function logs to its stdout).
+
+``--callgrind N`` counts the gateway's user-space instructions per invocation under valgrind's callgrind
+instead (see :func:`count_instructions`). ``--profile FILE`` runs the gateway under cProfile on its CPU
+clock and writes the stats there when it stops (the CPU figures then include the profiler's). Nothing is
+asserted: this is a measuring tool.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,11 +39,18 @@ from benchmarks import machine, procs, targets, wrk
 #: Runs ``lambdalet up`` (argv[3:]), under uvloop when argv[1] is "uvloop" and under cProfile when
 #: argv[2] names a file (the stats are written there when the gateway stops).
 _WRAPPER = """
-import asyncio, cProfile, signal, sys, time
+import asyncio, cProfile, os, signal, sys, time
 _, loop, profile, *argv = sys.argv
 if loop == "uvloop":
     import uvloop
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+if os.environ.pop("BENCH_NO_MANIFEST_POLL", None):
+    # callgrind: the gateway runs some 50 times slower, so work on a timer (the manifest poll) would be
+    # charged to invocations many times over, and by chance
+    from lambdalet_gateway.registry import Registry
+    async def no_poll(self, interval):
+        await asyncio.Event().wait()
+    Registry.run = no_poll
 profiler = cProfile.Profile(time.process_time) if profile else None
 def stop(*_):
     raise KeyboardInterrupt
@@ -79,18 +92,19 @@ def _variant_code(variant: str, workdir: Path) -> tuple[str, str, dict[str, str]
     revision REV, extracted with ``git archive`` and put first on ``PYTHONPATH``; ``@DIR`` the package
     in ``DIR/gateway/lambdalet_gateway`` (a candidate change, say)."""
     loop, _, rev = variant.partition("@")
-    if loop not in {"asyncio", "uvloop"}:
-        raise SystemExit(f"unknown event loop {loop!r} in {variant!r} (asyncio or uvloop)")
+    if loop.removesuffix("-quiet") not in {"asyncio", "uvloop"}:
+        raise SystemExit(f"unknown event loop {loop!r} in {variant!r} (asyncio or uvloop, optionally -quiet)")
     if not rev:
         return f"gw-{loop}", loop, {}
     if Path(rev).is_dir():
         return f"gw-{loop}@{Path(rev).name}", loop, {"PYTHONPATH": str(Path(rev).resolve() / "gateway")}
     tree = workdir / f"rev-{rev}"
-    tree.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(procs.REPO), "archive", rev, "gateway/lambdalet_gateway"], check=True, capture_output=True
-    )
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    if not tree.exists():
+        tree.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(procs.REPO), "archive", rev, "gateway/lambdalet_gateway"], check=True, capture_output=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
     return f"gw-{loop}@{rev}", loop, {"PYTHONPATH": str(tree / "gateway")}
 
 
@@ -104,7 +118,8 @@ def start_gateway(workdir: Path, variant: str, profile: Path | None) -> targets.
     port = procs.free_port()
     env = dict(os.environ, LAMBDALET_GATEWAY_PORT=str(port), LAMBDALET_STATE_DIR=str(workdir / f"{tag}-state"))
     env.update(extra)
-    argv = [procs.PYTHON, "-c", _WRAPPER, loop, str(profile or ""), "up", str(manifests)]
+    quiet = ["--quiet"] if loop.endswith("-quiet") else []
+    argv = [procs.PYTHON, "-c", _WRAPPER, loop.removesuffix("-quiet"), str(profile or ""), "up", *quiet, str(manifests)]
     proc = procs.spawn(argv, env=env, cwd=workdir, log=workdir / f"{tag}.log")
     procs.wait_connectable("127.0.0.1", port, proc, timeout=60)
     return targets.Target(
@@ -161,6 +176,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for target in started:
             target.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     out: dict[str, Any] = {"loadavg_before": load_before, "loadavg_after": machine.loadavg()}
     table = []
     for (name, concurrency), runs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -178,6 +194,66 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def count_instructions(workdir: Path, variant: str, invocations: int, run: int = 0) -> int:
+    """User-space instructions the gateway process executes per warm invocation, counted by callgrind
+    (valgrind) over ``invocations`` sequential invocations on one keep-alive connection after a warm-up.
+    Unlike CPU time this hardly moves with the machine's load, so it resolves changes of 1 to 2 %. The
+    gateway runs with ``--quiet``, spawned agents (valgrind has no ``pidfd_open``, which fast start
+    needs), no periodic scaling and no manifest poll; its environments run natively."""
+    name, loop, extra = _variant_code(variant, workdir)
+    tag = name.replace("@", "-") + f"-callgrind-{run}"
+    manifests = workdir / f"{tag}-manifests"
+    manifests.mkdir()
+    (manifests / "functions.yaml").write_text(targets.manifest("noop") + "\n")
+    port = procs.free_port()
+    env = dict(
+        os.environ,
+        LAMBDALET_GATEWAY_PORT=str(port),
+        LAMBDALET_STATE_DIR=str(workdir / f"{tag}-state"),
+        LAMBDALET_FAST_START="0",
+        LAMBDALET_SCALE_INTERVAL_SECONDS="3600",
+        BENCH_NO_MANIFEST_POLL="1",
+        **extra,
+    )
+    out = workdir / f"{tag}.out"
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    argv = [*valgrind, procs.PYTHON, "-c", _WRAPPER, loop.removesuffix("-quiet"), "", "up", "--quiet", str(manifests)]
+    proc = procs.spawn(argv, env=env, cwd=workdir, log=workdir / f"{tag}.log")
+    try:
+        procs.wait_connectable("127.0.0.1", port, proc, timeout=300)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        path = "/2015-03-31/functions/noop/invocations"
+
+        def invoke() -> None:
+            conn.request("POST", path, body=targets.EVENT, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{name}: an invocation under callgrind answered {response.status}")
+
+        for _ in range(20):
+            invoke()
+        control = ["callgrind_control"]
+        subprocess.run([*control, "-i", "on", str(proc.pid)], check=True, capture_output=True)
+        for _ in range(invocations):
+            invoke()
+        subprocess.run([*control, "-i", "off", str(proc.pid)], check=True, capture_output=True)
+        subprocess.run([*control, "-d", str(proc.pid)], check=True, capture_output=True)
+        conn.close()
+    finally:
+        procs.stop(proc, grace=20)
+        procs.kill_pids(list(procs.tree(proc.pid))[1:])
+    totals = [
+        int(line.split()[1])
+        for dump in workdir.glob(f"{tag}.out.*")  # the dump taken while instrumented (the exit's has none)
+        for line in dump.read_text().splitlines()
+        if line.startswith("totals:")
+    ]
+    if totals:
+        return max(totals) // invocations
+    raise RuntimeError(f"{name}: callgrind wrote no totals (see {workdir / f'{tag}.log'})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway_cpu", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -192,8 +268,26 @@ def main() -> int:
         "package at a git revision (default: asyncio, this tree)",
     )
     parser.add_argument("--no-rie", action="store_true", help="measure the gateway only")
+    parser.add_argument(
+        "--callgrind",
+        type=int,
+        metavar="N",
+        help="instead: count the gateway's instructions per invocation under callgrind over N invocations "
+        "(c=1), each gateway --rounds times, alternating",
+    )
     parser.add_argument("--profile", type=Path, help="run the gateway under cProfile, stats to this file")
     args = parser.parse_args()
+    if args.callgrind:
+        workdir = targets.workdir()
+        counts: dict[str, list[int]] = {}
+        for run in range(args.rounds):
+            for variant in args.gateway:
+                counts.setdefault(variant, []).append(count_instructions(workdir, variant, args.callgrind, run))
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"load average {machine.loadavg()}")
+        for variant, values in counts.items():
+            print(f"{variant:<40} {statistics.median(values):10,.0f} instructions/invocation (runs: {values})")
+        return 0
     result = measure(args)
     print(json.dumps(result, indent=1))
     print(f"load average {result['loadavg_before']} -> {result['loadavg_after']}")
