@@ -355,6 +355,27 @@ async def test_every_worker_held_by_a_timeout_resets_the_runtime(tmp_path: Path)
     assert after.json() == {"tag": "after", "slept": 0}
 
 
+async def test_a_runtime_with_fewer_workers_than_n_is_reset_when_none_is_left(tmp_path: Path) -> None:
+    """A runtime that ignores AWS_LAMBDA_MAX_CONCURRENCY (one loop) and hangs: the invocation that waited for
+    a worker in vain resets it, and the next one is served."""
+    code = function_dir(tmp_path)
+    hold = Barriers(code).new()
+    one_loop = ("/bin/sh", "-c", f'AWS_LAMBDA_MAX_CONCURRENCY=1 exec "{sys.executable}" "{BOOTSTRAP}"')
+    async with concurrent_agent(code, workers=2, timeout_s=1, command=one_loop) as agent:
+        env = agent.agent.env
+        await workers_waiting(agent, 1)
+        hung = asyncio.create_task(agent.invoke({"dir": hold, "n": 99, "wait": 60}))
+        await until(lambda: len(env.handed_out) == 1)
+        waited = await agent.invoke({"op": "sleep", "seconds": 0})  # no worker for it
+        first = await hung
+        after = await agent.invoke({"op": "sleep", "seconds": 0, "tag": "after"})
+    assert first.json()["errorType"] == "Sandbox.Timedout"
+    assert "X-Lambdalet-Reset" not in first.headers
+    assert waited.json()["errorType"] == "Sandbox.Timedout"
+    assert waited.headers["X-Lambdalet-Reset"] == "1"
+    assert after.json() == {"tag": "after", "slept": 0}
+
+
 async def test_a_crash_fails_every_invocation_in_flight_then_a_new_runtime_serves(tmp_path: Path) -> None:
     code = function_dir(tmp_path)
     barriers = Barriers(code)

@@ -21,8 +21,9 @@ Lambda Managed Instances mode (``internal/lambda-managed-instances``), with the 
   already when no worker waits at ``/next``; here an accepted invocation waits for one, under its deadline).
 - A timeout answers that caller ``Sandbox.Timedout`` and leaves the runtime and the other invocations
   alone; the worker stays taken until the runtime posts the late result (``410 InvokeTimeout``, as the
-  emulator). Only when every worker is held by a timed-out invocation is the runtime reset (the emulator
-  would stay unavailable).
+  emulator). Only when no worker can serve any more is the runtime reset: every one holds a timed-out
+  invocation, or one of those is held and an invocation waited in vain for a worker (a runtime that ignores
+  ``AWS_LAMBDA_MAX_CONCURRENCY`` has one); the emulator would stay unavailable.
 - The runtime process exiting fails every invocation it was running with ``Runtime.ExitError``, as the
   emulator; then the runtime is reset as in standard mode (the emulator ends). Invocations accepted but not
   yet handed out wait for the new runtime. An init failure answers every waiting invocation.
@@ -617,10 +618,15 @@ class Environment:
         if self.concurrent:
             if inv.delivered_at is None:
                 self._queue.remove(inv)
+                starved = True  # no worker took it in time
             else:
                 self.cstate.time_out(request_id)
-            # The others run on; reset only when no worker is left (each holds a timed-out invocation).
-            inv.reset = len(self.cstate.timed_out) >= self.max_concurrency
+                self.handed_out.pop(request_id, None)
+                starved = len(self.cstate.timed_out) >= self.max_concurrency
+            # The others run on. The runtime is reset only when no worker can serve: each one there is
+            # holds a timed-out invocation, and either all N do or an invocation waited for one in vain
+            # (a runtime with fewer workers than N: one that ignores AWS_LAMBDA_MAX_CONCURRENCY).
+            inv.reset = starved and bool(self.cstate.timed_out) and not self.handed_out
         outcome = Outcome(
             error_json("Sandbox.Timedout", report.timeout_error(request_id, timeout_s)), JSON, "Sandbox.Timedout"
         )
