@@ -47,8 +47,10 @@ log = logging.getLogger("lambdalet.gateway.standby")
 UNKNOWN_STATUS = 255
 #: A spare handed out is replaced this long after (the cold start it serves goes first).
 REFILL_DELAY_S = 0.1
-#: A zygote that dies is started again at most this often (a zygote that cannot start does not loop).
+#: A zygote that dies is started again after this long, doubled (up to the maximum) each time one dies
+#: before it said it was ready, so a zygote that cannot start (a broken interpreter) does not spin.
 RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 60.0
 #: The first line of the zygote's program: how tests and tools tell the zygote and its spares apart.
 ZYGOTE_MARK = "# lambdalet agent zygote"
 
@@ -238,6 +240,7 @@ def shutdown():
     sys.exit(0)
 
 
+control.send(b"ready 0 0")
 while True:
     if len(spares) < keep and time.monotonic() >= refill_at:
         fork_spare(True)
@@ -353,6 +356,11 @@ class ForkServer:
         self._starting: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[bool]] = set()
         self._next_start = 0.0
+        self._started_at = 0.0
+        #: The zygote that said it was ready (its socket): one that dies before that doubles the backoff.
+        self._ready: socket.socket | None = None
+        self._backoff = RESTART_BACKOFF_S
+        self._retry: asyncio.TimerHandle | None = None
         self._closed = False
 
     @property
@@ -387,10 +395,12 @@ class ForkServer:
             if self._closed:
                 return False
             loop = asyncio.get_running_loop()
-            if loop.time() < self._next_start:  # it died right after its start: try again a little later
-                loop.call_at(self._next_start, self.start_soon)
+            if loop.time() < self._next_start:  # it died young: try again a little later
+                if self._retry is None:
+                    self._retry = loop.call_at(self._next_start, self._retry_start)
                 return False
-            self._next_start = loop.time() + RESTART_BACKOFF_S
+            self._started_at = loop.time()
+            self._next_start = self._started_at + self._backoff
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -431,7 +441,9 @@ class ForkServer:
                 self._lost(sock)
                 return
             kind, first, second = data.split()
-            if kind == b"spawn":
+            if kind == b"ready":
+                self._ready = sock
+            elif kind == b"spawn":
                 future = self._pending.pop(int(first), None)
                 if future is not None and not future.done():
                     future.set_result((int(second), fds))
@@ -446,9 +458,16 @@ class ForkServer:
                 else:
                     self._early_exits[pid] = code
 
+    def _retry_start(self) -> None:
+        self._retry = None
+        self.start_soon()
+
     def _lost(self, sock: socket.socket) -> None:
         """The zygote is gone: its agents keep running (watched by pidfd); the next take starts a new one."""
-        asyncio.get_running_loop().remove_reader(sock.fileno())
+        loop = asyncio.get_running_loop()
+        self._backoff = RESTART_BACKOFF_S if self._ready is sock else min(self._backoff * 2, RESTART_BACKOFF_MAX_S)
+        self._next_start = max(self._next_start, self._started_at + self._backoff)
+        loop.remove_reader(sock.fileno())
         sock.close()
         if self._sock is sock:
             self._sock = None
@@ -499,6 +518,8 @@ class ForkServer:
     async def close(self) -> None:
         """Stop the zygote (it ends its spares first). Agents it forked are the backend's to stop."""
         self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task

@@ -7,7 +7,9 @@ gateway's working directory, not in any function's, and hold no function's code 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 from gateway_support import RunningGateway, process_tree, processes_in, running_gateway, wait_for, write_function
 from lambdalet_gateway.settings import Settings
-from lambdalet_gateway.standby import ZYGOTE_MARK
+from lambdalet_gateway.standby import ZYGOTE_MARK, ForkServer
 
 PROBE = """
 import os
@@ -230,6 +232,25 @@ def test_the_zygotes_death_costs_no_cold_start(tmp_path: Path) -> None:
     assert not process_tree(orphan_tree)
     assert zygotes() == {}
     assert processes_in(tmp_path) == set()
+
+
+def test_a_zygote_that_cannot_start_is_not_restarted_in_a_loop(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lambdalet.gateway.standby")
+
+    async def scenario() -> list[asyncio.subprocess.Process | None]:
+        zygote = ForkServer("/bin/false", dict(os.environ), 1)  # an interpreter that exits at once
+        zygote.start_soon()
+        taken = []
+        for _ in range(45):  # 4.5 s of cold starts, each asking the zygote first
+            taken.append(await asyncio.wait_for(zygote.take(["--help"], str(Path.cwd())), 1))
+            await asyncio.sleep(0.1)
+        await zygote.close()
+        return taken
+
+    assert asyncio.run(scenario()) == [None] * 45  # every cold start spawned its agent instead
+    starts = [r for r in caplog.records if r.getMessage().startswith("agent zygote started")]
+    # started at 0 s, then after 2 s and 4 s more (the backoff doubles while it never gets ready)
+    assert 2 <= len(starts) <= 3
 
 
 def test_opting_out_spawns_every_agent(tmp_path: Path) -> None:
