@@ -51,6 +51,10 @@ REFILL_DELAY_S = 0.1
 #: before it said it was ready, so a zygote that cannot start (a broken interpreter) does not spin.
 RESTART_BACKOFF_S = 1.0
 RESTART_BACKOFF_MAX_S = 60.0
+#: A ready zygote forks within milliseconds: one that does not answer in this long is stuck, and is killed
+#: (and started again) while the cold start spawns its agent. Before it is ready (importing) it gets longer.
+REPLY_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 30.0
 #: The first line of the zygote's program: how tests and tools tell the zygote and its spares apart.
 ZYGOTE_MARK = "# lambdalet agent zygote"
 
@@ -498,10 +502,18 @@ class ForkServer:
         future: asyncio.Future[tuple[int, list[int]]] = loop.create_future()
         self._pending[order_id] = future
         order = {"id": order_id, "argv": list(argv), "cwd": cwd, "cgroup": str(cgroup) if cgroup else None}
+        limit = REPLY_TIMEOUT_S if self._ready is sock else START_TIMEOUT_S
         try:
             await loop.sock_sendall(sock, json.dumps(order).encode())
-            pid, fds = await asyncio.wait_for(future, 30)
-        except (OSError, TimeoutError) as exc:
+            pid, fds = await asyncio.wait_for(future, limit)
+        except TimeoutError:
+            self._pending.pop(order_id, None)
+            log.warning("the agent zygote did not answer within %g s; it is restarted, this agent spawned", limit)
+            if self._proc is not None and self._sock is sock:
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()  # its socket's end-of-file starts another
+            return None
+        except OSError as exc:
             self._pending.pop(order_id, None)
             log.warning("the agent zygote did not fork an agent (%s); spawning it instead", exc)
             return None

@@ -8,6 +8,7 @@ gateway's working directory, not in any function's, and hold no function's code 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -232,6 +233,21 @@ def test_the_zygotes_death_costs_no_cold_start(tmp_path: Path) -> None:
     assert not process_tree(orphan_tree)
     assert zygotes() == {}
     assert processes_in(tmp_path) == set()
+
+
+def test_a_stuck_zygote_is_replaced_and_costs_no_cold_start(tmp_path: Path) -> None:
+    write_function(tmp_path, "probe", {"app.py": PROBE})
+    with running_gateway([tmp_path], tmp_path) as gateway:
+        zygote = the_zygote()
+        wait_for(lambda: len(spares(zygote)) == 1, what="the zygote to be ready")
+        os.kill(zygote, signal.SIGSTOP)
+        try:
+            result = invoke(gateway, "probe")  # waits REPLY_TIMEOUT_S for the zygote, then spawns
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(zygote, signal.SIGCONT)
+        assert result["agent_parent"] == os.getpid()
+        wait_for(lambda: zygote not in zygotes() and len(zygotes()) == 1, what="a new zygote")
 
 
 def test_a_zygote_that_cannot_start_is_not_restarted_in_a_loop(caplog: pytest.LogCaptureFixture) -> None:
