@@ -10,8 +10,9 @@ measured in the same run, with the load average before and after (the machine is
 
 ``--gateway asyncio uvloop asyncio@HEAD~3 asyncio@DIR`` compares gateways in the same run: under uvloop
 (set as the event loop policy by a wrapper around ``lambdalet up``), or the gateway package as it was at
-a git revision or as it is in another directory; ``asyncio-quiet`` runs ``lambdalet up --quiet`` (no echo
-of function logs to its stdout).
+a git revision or as it is in another directory. Suffixes: ``-quiet`` runs ``lambdalet up --quiet`` (no
+echo of function logs to its stdout); ``-batchlogs`` is an experiment that reads the environments' output
+every 50 ms instead of line by line as it comes (``uvloop-quiet-batchlogs@HEAD``).
 
 ``--callgrind N`` counts the gateway's user-space instructions per invocation under valgrind's callgrind
 instead (see :func:`count_instructions`). ``--profile FILE`` runs the gateway under cProfile on its CPU
@@ -41,9 +42,19 @@ from benchmarks import machine, procs, targets, wrk
 _WRAPPER = """
 import asyncio, cProfile, os, signal, sys, time
 _, loop, profile, *argv = sys.argv
-if loop == "uvloop":
+if loop.startswith("uvloop"):
     import uvloop
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+if "-batchlogs" in loop:
+    # an experiment: environments' output read every 50 ms in one piece instead of line by line as it
+    # comes (what the per-line wakeups of the log pump cost)
+    from lambdalet_gateway.local import LocalBackend
+    async def batched(self, environment, proc):
+        while data := await proc.stdout.read(1 << 20):
+            for line in data.decode("utf-8", "replace").splitlines():
+                self._logs.append(environment.function, line)
+            await asyncio.sleep(0.05)
+    LocalBackend._pump_stdout = batched
 if os.environ.pop("BENCH_NO_MANIFEST_POLL", None):
     # callgrind: the gateway runs some 50 times slower, so work on a timer (the manifest poll) would be
     # charged to invocations many times over, and by chance
@@ -92,8 +103,9 @@ def _variant_code(variant: str, workdir: Path) -> tuple[str, str, dict[str, str]
     revision REV, extracted with ``git archive`` and put first on ``PYTHONPATH``; ``@DIR`` the package
     in ``DIR/gateway/lambdalet_gateway`` (a candidate change, say)."""
     loop, _, rev = variant.partition("@")
-    if loop.removesuffix("-quiet") not in {"asyncio", "uvloop"}:
-        raise SystemExit(f"unknown event loop {loop!r} in {variant!r} (asyncio or uvloop, optionally -quiet)")
+    base, *options = loop.split("-")
+    if base not in {"asyncio", "uvloop"} or not set(options) <= {"quiet", "batchlogs"}:
+        raise SystemExit(f"unknown gateway {loop!r} in {variant!r} (asyncio or uvloop, then -quiet, -batchlogs)")
     if not rev:
         return f"gw-{loop}", loop, {}
     if Path(rev).is_dir():
@@ -118,8 +130,8 @@ def start_gateway(workdir: Path, variant: str, profile: Path | None) -> targets.
     port = procs.free_port()
     env = dict(os.environ, LAMBDALET_GATEWAY_PORT=str(port), LAMBDALET_STATE_DIR=str(workdir / f"{tag}-state"))
     env.update(extra)
-    quiet = ["--quiet"] if loop.endswith("-quiet") else []
-    argv = [procs.PYTHON, "-c", _WRAPPER, loop.removesuffix("-quiet"), str(profile or ""), "up", *quiet, str(manifests)]
+    quiet = ["--quiet"] if "-quiet" in loop else []
+    argv = [procs.PYTHON, "-c", _WRAPPER, loop, str(profile or ""), "up", *quiet, str(manifests)]
     proc = procs.spawn(argv, env=env, cwd=workdir, log=workdir / f"{tag}.log")
     procs.wait_connectable("127.0.0.1", port, proc, timeout=60)
     return targets.Target(
@@ -217,7 +229,7 @@ def count_instructions(workdir: Path, variant: str, invocations: int, run: int =
     )
     out = workdir / f"{tag}.out"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-    argv = [*valgrind, procs.PYTHON, "-c", _WRAPPER, loop.removesuffix("-quiet"), "", "up", "--quiet", str(manifests)]
+    argv = [*valgrind, procs.PYTHON, "-c", _WRAPPER, loop, "", "up", "--quiet", str(manifests)]
     proc = procs.spawn(argv, env=env, cwd=workdir, log=workdir / f"{tag}.log")
     try:
         procs.wait_connectable("127.0.0.1", port, proc, timeout=300)
