@@ -62,7 +62,7 @@ ZYGOTE_MARK = "# lambdalet agent zygote"
 ZYGOTE_PROGRAM = (
     ZYGOTE_MARK
     + """
-import ctypes, gc, json, os, selectors, signal, socket, sys, time, traceback
+import ctypes, gc, json, os, select, selectors, signal, socket, sys, time, traceback
 from lambdalet_agent import cli
 
 # what is imported now stays shared with every forked agent: keep the collector from touching (copying) it
@@ -90,11 +90,12 @@ madvise = ctypes.CDLL(None, use_errno=True).madvise
 madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-def unshare():
+def unshare(order_r):
     # Copy now, while this spare waits, the memory pages it still shares with the zygote (copy-on-write):
     # the cold start it serves then writes its objects without a page fault and a copy for each page. Only
     # pages present in the private writable mappings (the heap, Python's arenas) are touched, so no memory
     # is added beyond the copies; their content is unchanged (MADV_POPULATE_WRITE simulates a write fault).
+    # An order that arrives meanwhile stops it: the rest is copied on demand, as without it.
     try:
         with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
             regions = []
@@ -104,6 +105,8 @@ def unshare():
                 if anonymous and fields[1].startswith("rw") and fields[1].endswith("p"):
                     regions.append([int(x, 16) for x in fields[0].split("-")])
             for lo, hi in regions:
+                if select.select([order_r], [], [], 0)[0]:
+                    return
                 pagemap.seek(lo // PAGE * 8)
                 entries = memoryview(pagemap.read((hi - lo) // PAGE * 8)).cast("Q")
                 start = None
@@ -146,7 +149,7 @@ def spare(order_r, out_w, err_w, ahead):
         for fd in (null, out_w, err_w):
             os.close(fd)
         if ahead:
-            unshare()
+            unshare(order_r)
         data = b""
         while chunk := os.read(order_r, 1 << 16):
             data += chunk
@@ -162,7 +165,7 @@ def spare(order_r, out_w, err_w, ahead):
         os.chdir(order["cwd"])
         code = cli.main(["agent", *order["argv"]])
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
     except BaseException:
         traceback.print_exc()
     finally:
