@@ -12,7 +12,8 @@ measured in the same run, with the load average before and after (the machine is
 (set as the event loop policy by a wrapper around ``lambdalet up``), or the gateway package as it was at
 a git revision or as it is in another directory. Suffixes: ``-quiet`` runs ``lambdalet up --quiet`` (no
 echo of function logs to its stdout); ``-batchlogs`` is an experiment that reads the environments' output
-every 50 ms instead of line by line as it comes (``uvloop-quiet-batchlogs@HEAD``).
+every 50 ms instead of line by line as it comes (``uvloop-quiet-batchlogs@HEAD``); ``-gcstats`` prints the
+garbage collector's collections and CPU time by generation to the gateway's log when it stops.
 
 ``--callgrind N`` counts the gateway's user-space instructions per invocation under valgrind's callgrind
 instead (see :func:`count_instructions`). ``--profile FILE`` runs the gateway under cProfile on its CPU
@@ -62,6 +63,18 @@ if os.environ.pop("BENCH_NO_MANIFEST_POLL", None):
     async def no_poll(self, interval):
         await asyncio.Event().wait()
     Registry.run = no_poll
+if "-gcstats" in loop:
+    # an experiment: how much of the gateway's time goes to the garbage collector, by generation
+    import atexit, gc
+    gc_time, gc_count, gc_started = [0.0] * 3, [0] * 3, [0.0]
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_started[0] = time.process_time()
+        else:
+            gc_time[info["generation"]] += time.process_time() - gc_started[0]
+            gc_count[info["generation"]] += 1
+    gc.callbacks.append(on_gc)
+    atexit.register(lambda: print(f"GCSTATS count={gc_count} cpu_s={[round(t, 3) for t in gc_time]}", flush=True))
 profiler = cProfile.Profile(time.process_time) if profile else None
 def stop(*_):
     raise KeyboardInterrupt
@@ -104,8 +117,8 @@ def _variant_code(variant: str, workdir: Path) -> tuple[str, str, dict[str, str]
     in ``DIR/gateway/lambdalet_gateway`` (a candidate change, say)."""
     loop, _, rev = variant.partition("@")
     base, *options = loop.split("-")
-    if base not in {"asyncio", "uvloop"} or not set(options) <= {"quiet", "batchlogs"}:
-        raise SystemExit(f"unknown gateway {loop!r} in {variant!r} (asyncio or uvloop, then -quiet, -batchlogs)")
+    if base not in {"asyncio", "uvloop"} or not set(options) <= {"quiet", "batchlogs", "gcstats"}:
+        raise SystemExit(f"unknown gateway {loop!r} in {variant!r} (asyncio or uvloop; -quiet -batchlogs -gcstats)")
     if not rev:
         return f"gw-{loop}", loop, {}
     if Path(rev).is_dir():
@@ -188,8 +201,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for target in started:
             target.stop()
+        notes = [
+            f"{log.stem}: {line}"
+            for log in sorted(workdir.glob("gw-*.log"))
+            for line in log.read_text(errors="replace").splitlines()
+            if line.startswith("GCSTATS")
+        ]
         shutil.rmtree(workdir, ignore_errors=True)
-    out: dict[str, Any] = {"loadavg_before": load_before, "loadavg_after": machine.loadavg()}
+    out: dict[str, Any] = {"loadavg_before": load_before, "loadavg_after": machine.loadavg(), "notes": notes}
     table = []
     for (name, concurrency), runs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         row: dict[str, Any] = {"target": name, "concurrency": concurrency, "rounds": len(runs)}
@@ -303,6 +322,8 @@ def main() -> int:
     result = measure(args)
     print(json.dumps(result, indent=1))
     print(f"load average {result['loadavg_before']} -> {result['loadavg_after']}")
+    for note in result["notes"]:
+        print(note)
     for row in result["rows"]:
         line = f"{row['target']:<22} c={row['concurrency']:<2} {row['rps']:8.0f} req/s p50 {row['p50_ms']:6.3f} ms"
         if row["target"].startswith("gw-"):
