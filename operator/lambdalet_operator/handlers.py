@@ -12,25 +12,40 @@ What kopf itself writes, and where (configured in ``configure``):
 * no finalizers: there is no deletion handler and no daemon or timer (kopf adds a finalizer for those,
   and a Function could then not be deleted while the operator is down); children go with the Function
   through owner references;
-* Kubernetes Events on Functions for handler failures (``kopf`` posts them).
+* Kubernetes Events on Functions for handler failures (``kopf`` posts them), and ``Repaired`` /
+  ``RepairFailed`` / ``RepairThrottled`` when a child changed outside the Function is put back (or not).
+
+Children are repaired from one watch per child kind (ConfigMaps, ServiceAccounts, Services, Deployments,
+NetworkPolicies, filtered by the managed-by label): a child deleted, or changed in a field the operator
+writes, reconciles its owning Function (``reconcile.repair``), within a per-Function budget; a repair
+that has to wait for the budget is retried once it allows (``_recheck``).
 
 ``--standalone`` turns off kopf's peering (no ``KopfPeering`` objects): run one operator replica.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
 from lambdalet.crd import PLURAL, VERSION
 from lambdalet.spec import API_GROUP
 from lambdalet_operator import kube, manifests
-from lambdalet_operator.reconcile import Locks, controller_of, reconcile, refresh_status
+from lambdalet_operator.reconcile import (
+    Locks,
+    Outcome,
+    RepairBudget,
+    controller_of,
+    reconcile,
+    refresh_status,
+    repair,
+)
 from lambdalet_operator.settings import Settings
 
 logger = logging.getLogger("lambdalet.operator")
@@ -41,6 +56,19 @@ API_RETRY_SECONDS = 5.0
 MEMO_API = "api"
 MEMO_SETTINGS = "settings"
 MEMO_LOCKS = "locks"
+MEMO_BUDGET = "repair-budget"
+MEMO_RECHECKS = "repair-rechecks"
+
+#: The children's watches: every object the operator writes carries this label.
+MANAGED = {"app.kubernetes.io/managed-by": manifests.MANAGED_BY}
+#: Plural of each watched child resource → its kind.
+CHILD_KINDS = {
+    "configmaps": "ConfigMap",
+    "serviceaccounts": "ServiceAccount",
+    "services": "Service",
+    "deployments": "Deployment",
+    "networkpolicies": "NetworkPolicy",
+}
 
 
 def _now() -> datetime.datetime:
@@ -64,10 +92,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo[MEMO_API] = api
     memo[MEMO_SETTINGS] = Settings.from_env(os.environ)
     memo[MEMO_LOCKS] = Locks()
+    memo[MEMO_BUDGET] = RepairBudget()
+    memo[MEMO_RECHECKS] = {}
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    rechecks: dict[Any, asyncio.Task[None]] = memo.get(MEMO_RECHECKS) or {}
+    for task in rechecks.values():
+        task.cancel()
     api: kube.Kube | None = memo.get(MEMO_API)
     if api is not None:
         await api.close()
@@ -98,7 +131,21 @@ def _raise_for(outcome_retry: float | None, permanent: bool, message: str) -> No
         raise kopf.TemporaryError(message, delay=outcome_retry)
 
 
-async def _reconcile(body: Mapping[str, Any], memo: kopf.Memo) -> None:
+def _as_body(obj: Mapping[str, Any]) -> kopf.Body:
+    return kopf.Body(cast(kopf.RawBody, dict(obj)))
+
+
+def _post(function: Mapping[str, Any], outcome: Outcome) -> None:
+    """A Kubernetes Event on the Function for a repair (``kubectl describe function`` lists them)."""
+    if outcome.refused:
+        message = "the API server did not keep what the operator wrote: " + "; ".join(outcome.refused)
+        kopf.event(_as_body(function), type="Warning", reason="RepairFailed", message=message)
+    elif outcome.repaired:
+        message = "put back children changed outside the Function: " + "; ".join(outcome.changes)
+        kopf.event(_as_body(function), type="Normal", reason="Repaired", message=message)
+
+
+async def _reconcile(body: Mapping[str, Any], memo: kopf.Memo) -> Outcome:
     api: kube.Kube = memo[MEMO_API]
     locks: Locks = memo[MEMO_LOCKS]
     raw: dict[str, Any] = {
@@ -114,7 +161,9 @@ async def _reconcile(body: Mapping[str, Any], memo: kopf.Memo) -> None:
             raise kopf.TemporaryError(f"permission denied (the operator's Role lacks it): {exc}", delay=30) from exc
         except kube.KubeError as exc:
             raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=API_RETRY_SECONDS) from exc
+    _post(body, outcome)
     _raise_for(outcome.retry_after, outcome.permanent, outcome.message)
+    return outcome
 
 
 @kopf.on.resume(API_GROUP, VERSION, PLURAL)
@@ -124,9 +173,17 @@ async def function_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _reconcile(body, memo)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": manifests.MANAGED_BY})
-async def deployment_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """A function's Deployment changed (rollout progress, scaling by the gateway, deletion by hand)."""
+@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+@kopf.on.event("", "v1", "serviceaccounts", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
+async def child_event(body: kopf.Body, type: str | None, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
+    """A child of a Function was added, changed or deleted: put it back if it was deleted or drifted from
+    what the operator writes; a Deployment's changes (rollout progress, scaling by the gateway) also
+    refresh the Function's status. The initial listing (``type`` None) only refreshes status: the resume
+    handler reconciles every Function at start."""
+    kind = CHILD_KINDS[resource.plural]
     owner = controller_of(body)
     if owner is None:
         return
@@ -134,21 +191,67 @@ async def deployment_event(body: kopf.Body, type: str | None, memo: kopf.Memo, *
     namespace = str(body["metadata"]["namespace"])
     api: kube.Kube = memo[MEMO_API]
     locks: Locks = memo[MEMO_LOCKS]
+    budget: RepairBudget = memo[MEMO_BUDGET]
+    result = None
     try:
-        if type == "DELETED":
-            function = await api.get("Function", namespace, name)
-            if function is not None and function["metadata"].get("uid") == uid:
-                if not function["metadata"].get("deletionTimestamp"):
-                    logger.warning("Deployment of Function %s/%s was deleted; re-creating it", namespace, name)
-                    await _reconcile(function, memo)
-            else:
-                locks.forget(namespace, name)
-            return
         async with locks(namespace, name):
-            await refresh_status(api, namespace, name, uid, _now)
+            if type is not None:
+                result = await repair(
+                    api, memo[MEMO_SETTINGS], kind, body, deleted=type == "DELETED", now=_now, budget=budget
+                )
+            if kind == "Deployment" and type != "DELETED" and (result is None or result.outcome is None):
+                await refresh_status(api, namespace, name, uid, _now)
     except kube.KubeError as exc:
-        # Event handlers are not retried by kopf: the next Deployment event refreshes the status.
-        logger.warning("could not refresh the status of Function %s/%s: %s", namespace, name, exc)
+        # Event handlers are not retried by kopf: the next event of this child tries again.
+        logger.warning("Function %s/%s after a %s event of its %s: %s", namespace, name, type, kind, exc)
+        return
+    if result is None:
+        if type == "DELETED":
+            locks.forget(namespace, name)
+        return
+    if result.wait > 0:
+        logger.warning(
+            "Function %s/%s: %s; repairs wait %.0f s (budget spent)",
+            namespace,
+            name,
+            "; ".join(result.drift),
+            result.wait,
+        )
+        kopf.event(
+            _as_body(result.function),
+            type="Warning",
+            reason="RepairThrottled",
+            message=f"{'; '.join(result.drift)}: repaired too often; the next repair runs in {result.wait:.0f} s",
+        )
+        _schedule_recheck(memo, namespace, name, result.wait)
+        return
+    if result.outcome is not None:
+        logger.warning("Function %s/%s: %s; reconciled", namespace, name, "; ".join(result.drift))
+        _post(result.function, result.outcome)
+
+
+def _schedule_recheck(memo: kopf.Memo, namespace: str, name: str, wait: float) -> None:
+    """Reconcile the Function once the repair budget allows (one pending recheck per Function)."""
+    rechecks: dict[tuple[str, str], asyncio.Task[None]] = memo[MEMO_RECHECKS]
+    pending = rechecks.get((namespace, name))
+    if pending is not None and not pending.done():
+        return
+    rechecks[(namespace, name)] = asyncio.get_running_loop().create_task(_recheck(memo, namespace, name, wait))
+
+
+async def _recheck(memo: kopf.Memo, namespace: str, name: str, wait: float) -> None:
+    await asyncio.sleep(wait)
+    api: kube.Kube = memo[MEMO_API]
+    budget: RepairBudget = memo[MEMO_BUDGET]
+    try:
+        function = await api.get("Function", namespace, name)
+        if function is None or function["metadata"].get("deletionTimestamp"):
+            return
+        outcome = await _reconcile(function, memo)
+    except (kopf.TemporaryError, kopf.PermanentError, kube.KubeError) as exc:
+        logger.warning("Function %s/%s: the delayed repair failed: %s", namespace, name, exc)
+        return
+    budget.record(namespace, name, outcome)
 
 
 @kopf.index(API_GROUP, VERSION, PLURAL)

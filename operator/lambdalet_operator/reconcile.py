@@ -5,6 +5,14 @@ The API client is passed in (``Api``, the small interface ``kube.Kube`` implemen
 tested with an in-memory fake. Writers of a Function's status hold that Function's lock and read the
 Deployment fresh inside it: the last writer always reports the newest state, so status never goes back
 in time.
+
+Children are written only when they differ from what the operator would write (``drift.differences``:
+the operator's own fields, not the ones the API server fills in), so a reconcile of an unchanged Function
+writes nothing, and a child the server mutates on write converges after that one write. A child deleted
+or changed by hand is put back by ``repair`` (called from the child watches in ``handlers``), at most
+``REPAIR_LIMIT`` times per ``REPAIR_WINDOW_SECONDS`` per Function (``RepairBudget``): past that, something
+keeps changing the children back, and repairs wait instead of fighting it. What a repair did, or why it
+could not, is the Function's ``ChildrenInSync`` condition (``status``).
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from lambdalet.spec import API_VERSION, KIND, Function, SpecError, all_errors, parse_function, validate_for_cluster
-from lambdalet_operator import manifests, status
+from lambdalet_operator import drift, manifests, status
 from lambdalet_operator.kube import Conflict, Invalid, KubeError, Obj
 from lambdalet_operator.settings import Settings
 
@@ -27,6 +37,9 @@ logger = logging.getLogger("lambdalet.operator")
 GENERATION_ANNOTATION: Final = "lambdalet.dev/function-generation"
 CODE_RETRY_SECONDS: Final = 10.0
 CONFLICT_RETRY_SECONDS: Final = 30.0
+#: Repairs of one Function's children allowed per window; past that, the next one waits.
+REPAIR_LIMIT: Final = 10
+REPAIR_WINDOW_SECONDS: Final = 60.0
 
 
 class Api(Protocol):
@@ -46,6 +59,20 @@ class Outcome:
     message: str
     retry_after: float | None = None  # transient: try again later
     permanent: bool = False  # the spec itself must change
+    #: Children written, as "created Service f", "updated NetworkPolicy f (spec.egress)", "deleted ...".
+    changes: tuple[str, ...] = ()
+    #: Whether those writes put back children changed outside the Function (its spec was already applied).
+    repaired: bool = False
+    #: Children the API server did not keep as written, with the fields it changed back.
+    refused: tuple[str, ...] = ()
+
+
+@dataclass
+class Applied:
+    """What one apply wrote, and what the API server did not keep."""
+
+    changes: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
 
 class Locks:
@@ -98,10 +125,20 @@ def parse(body: Mapping[str, Any]) -> tuple[Function | None, list[str]]:
     return function, []
 
 
-async def ensure(api: Api, desired: Mapping[str, Any], uid: str, *, replace: bool = False, **on_create: Any) -> Obj:
+async def ensure(
+    api: Api,
+    desired: Mapping[str, Any],
+    uid: str,
+    *,
+    replace: bool = False,
+    applied: Applied | None = None,
+    **on_create: Any,
+) -> Obj:
     """Create ``desired`` or bring the existing object in line with it (merge patch, or a full replace
-    for objects whose keys must be able to disappear). ``on_create`` adds top-level ``spec`` fields that
-    are set only at creation."""
+    for objects whose keys must be able to disappear), writing nothing when the operator's fields already
+    match (``drift.differences``). ``on_create`` adds top-level ``spec`` fields that are set only at
+    creation. What was written, and what the server did not keep, goes to ``applied``."""
+    applied = applied if applied is not None else Applied()
     kind, meta = desired["kind"], desired["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     current = await api.get(kind, namespace, name)
@@ -110,28 +147,49 @@ async def ensure(api: Api, desired: Mapping[str, Any], uid: str, *, replace: boo
         if on_create:
             body["spec"] = {**body["spec"], **on_create}
         try:
-            return await api.create(body)
+            written = await api.create(body)
         except Conflict:
             current = await api.get(kind, namespace, name)
             if current is None:
                 raise
+        else:
+            applied.changes.append(f"created {kind} {name}")
+            _check_kept(desired, written, applied)
+            return written
     if not owned_by(current, meta["ownerReferences"][0]["uid"]):
         raise NameTaken(kind, name)
+    differing = drift.differences(desired, current)
+    if not differing:
+        return current
     if replace:
-        return await api.replace(desired, str(current["metadata"]["resourceVersion"]))
-    patch = {key: value for key, value in desired.items() if key not in {"apiVersion", "kind", "metadata"}}
-    patch["metadata"] = {
-        "labels": meta["labels"],
-        "annotations": meta.get("annotations", {}),
-        "ownerReferences": meta["ownerReferences"],
-    }
-    return await api.merge_patch(kind, namespace, name, patch)
+        written = await api.replace(desired, str(current["metadata"]["resourceVersion"]))
+    else:
+        patch = {key: value for key, value in desired.items() if key not in {"apiVersion", "kind", "metadata"}}
+        patch["metadata"] = {
+            "labels": meta["labels"],
+            "annotations": meta.get("annotations", {}),
+            "ownerReferences": meta["ownerReferences"],
+        }
+        written = await api.merge_patch(kind, namespace, name, patch)
+    applied.changes.append(f"updated {kind} {name} ({', '.join(differing)})")
+    _check_kept(desired, written, applied)
+    return written
 
 
-async def remove_if_owned(api: Api, kind: str, namespace: str, name: str, uid: str) -> None:
+def _check_kept(desired: Mapping[str, Any], written: Mapping[str, Any], applied: Applied) -> None:
+    left = drift.differences(desired, written)
+    if left:
+        applied.refused.append(f"{desired['kind']} {desired['metadata']['name']} ({', '.join(left)})")
+
+
+async def remove_if_owned(
+    api: Api, kind: str, namespace: str, name: str, uid: str, *, applied: Applied | None = None
+) -> None:
     current = await api.get(kind, namespace, name)
     if current is not None and owned_by(current, uid):
         await api.delete(kind, namespace, name)
+        if applied is not None:
+            applied.changes.append(f"deleted {kind} {name}")
 
 
 async def _code_hash(api: Api, function: Function) -> tuple[str | None, str]:
@@ -158,27 +216,71 @@ async def write_status(api: Api, body: Mapping[str, Any], new: Mapping[str, Any]
         await api.patch_function_status(meta["namespace"], meta["name"], new)
 
 
-async def _apply(api: Api, settings: Settings, function: Function, *, uid: str, generation: int, code_hash: str) -> Obj:
+async def _apply(
+    api: Api, settings: Settings, function: Function, *, uid: str, generation: int, code_hash: str, applied: Applied
+) -> Obj:
     namespace = function.metadata.namespace
     configmap = manifests.configmap(function, uid)
     if configmap is not None:
-        await ensure(api, configmap, uid, replace=True)
+        await ensure(api, configmap, uid, replace=True, applied=applied)
     else:
-        await remove_if_owned(api, "ConfigMap", namespace, manifests.code_configmap_name(function), uid)
+        await remove_if_owned(
+            api, "ConfigMap", namespace, manifests.code_configmap_name(function), uid, applied=applied
+        )
     account = manifests.service_account(function, uid)
     if account is not None:
-        await ensure(api, account, uid)
+        await ensure(api, account, uid, applied=applied)
     else:
-        await remove_if_owned(api, "ServiceAccount", namespace, function.name, uid)
+        await remove_if_owned(api, "ServiceAccount", namespace, function.name, uid, applied=applied)
     policy = manifests.network_policy(function, uid)
     if policy is not None:
-        await ensure(api, policy, uid)
+        await ensure(api, policy, uid, applied=applied)
     else:
-        await remove_if_owned(api, "NetworkPolicy", namespace, function.name, uid)
-    await ensure(api, manifests.service(function, uid), uid)
+        await remove_if_owned(api, "NetworkPolicy", namespace, function.name, uid, applied=applied)
+    await ensure(api, manifests.service(function, uid), uid, applied=applied)
+    deployment = desired_deployment(function, uid, settings, generation, code_hash)
+    return await ensure(api, deployment, uid, applied=applied, replicas=manifests.initial_replicas(function))
+
+
+def desired_deployment(function: Function, uid: str, settings: Settings, generation: int, code_hash: str) -> Obj:
     deployment = manifests.deployment(function, uid, settings, code_hash)
     deployment["metadata"]["annotations"] = {GENERATION_ANNOTATION: str(generation)}
-    return await ensure(api, deployment, uid, replicas=manifests.initial_replicas(function))
+    return deployment
+
+
+def _sync_condition(
+    previous: Mapping[str, Any] | None, applied: Applied, repairing: bool, generation: int, stamp: datetime.datetime
+) -> dict[str, Any] | None:
+    """The ``ChildrenInSync`` condition after an apply, or None to keep the previous one."""
+    if applied.refused:
+        message = (
+            "the API server did not keep what the operator wrote: "
+            + "; ".join(applied.refused)
+            + " (an admission webhook or another controller changes it back); the operator does not fight "
+            "it: it tries again when the child or the Function changes"
+        )
+        return status.sync_condition(
+            previous,
+            ok=False,
+            reason=status.SyncReason.REPAIR_FAILED,
+            message=message,
+            generation=generation,
+            now=stamp,
+        )
+    if repairing and applied.changes:
+        message = f"at {status.timestamp(stamp)} put back children changed outside the Function: " + "; ".join(
+            applied.changes
+        )
+        return status.sync_condition(
+            previous, ok=True, reason=status.SyncReason.REPAIRED, message=message, generation=generation, now=stamp
+        )
+    before = status.find_condition(previous, status.CHILDREN_IN_SYNC)
+    if before is not None and before.get("status") != "True":
+        message = f"at {status.timestamp(stamp)} every child is as the operator writes it"
+        return status.sync_condition(
+            previous, ok=True, reason=status.SyncReason.IN_SYNC, message=message, generation=generation, now=stamp
+        )
+    return None
 
 
 async def reconcile(
@@ -193,6 +295,8 @@ async def reconcile(
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
     generation = int(meta.get("generation") or 0)
     previous = body.get("status")
+    # The spec was applied before: whatever has to be written now was changed outside the Function.
+    repairing = (previous or {}).get("observedGeneration") == generation
 
     def report(ok: bool, reason: status.Reason, message: str, **fields: Any) -> dict[str, Any]:
         return status.build(previous, ok=ok, reason=reason, message=message, generation=generation, now=now(), **fields)
@@ -208,8 +312,9 @@ async def reconcile(
         await write_status(api, body, report(False, status.Reason.CODE_UNAVAILABLE, problem))
         return Outcome(status.Reason.CODE_UNAVAILABLE, problem, retry_after=CODE_RETRY_SECONDS)
 
+    applied = Applied()
     try:
-        await _apply(api, settings, function, uid=uid, generation=generation, code_hash=code_hash)
+        await _apply(api, settings, function, uid=uid, generation=generation, code_hash=code_hash, applied=applied)
     except NameTaken as exc:
         await write_status(api, body, report(False, status.Reason.CONFLICT, str(exc)))
         return Outcome(status.Reason.CONFLICT, str(exc), retry_after=CONFLICT_RETRY_SECONDS)
@@ -233,12 +338,25 @@ async def reconcile(
         url=manifests.invoke_url(function, settings),
         ready=ready,
         desired=desired,
+        sync=_sync_condition(previous, applied, repairing, generation, now()),
     )
     await write_status(api, body, new)
     logger.info(
-        "reconciled Function %s/%s generation %d: %s", namespace, name, generation, reason, extra={"function": name}
+        "reconciled Function %s/%s generation %d: %s%s",
+        namespace,
+        name,
+        generation,
+        reason,
+        f"; wrote: {'; '.join(applied.changes)}" if applied.changes else "",
+        extra={"function": name},
     )
-    return Outcome(reason, message)
+    return Outcome(
+        reason,
+        message,
+        changes=tuple(applied.changes),
+        repaired=repairing and bool(applied.changes),
+        refused=tuple(applied.refused),
+    )
 
 
 def controller_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -280,3 +398,167 @@ async def refresh_status(
     new = status.build(current, ok=ok, reason=reason, message=message, generation=generation, now=now())
     new |= {"readyInstances": ready, "desiredInstances": desired}
     await write_status(api, function, new)
+
+
+class RepairBudget:
+    """At most ``limit`` repairs of one Function's children per ``window`` seconds (a sliding window).
+
+    A repair that keeps being undone (another controller, an admission webhook, a script in a loop) would
+    otherwise be a write-watch-write loop against the API server."""
+
+    def __init__(
+        self,
+        limit: int = REPAIR_LIMIT,
+        window: float = REPAIR_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limit, self._window, self._clock = limit, window, clock
+        self._spent: dict[tuple[str, str], deque[float]] = {}
+
+    def wait(self, namespace: str, name: str) -> float:
+        """Seconds until the next repair of this Function may run (0: now)."""
+        spent = self._spent.get((namespace, name))
+        if not spent:
+            return 0.0
+        now = self._clock()
+        while spent and spent[0] <= now - self._window:
+            spent.popleft()
+        if len(spent) < self._limit:
+            return 0.0
+        return spent[0] + self._window - now
+
+    def spend(self, namespace: str, name: str) -> None:
+        self._spent.setdefault((namespace, name), deque()).append(self._clock())
+
+    def record(self, namespace: str, name: str, outcome: Outcome) -> None:
+        """Count a reconcile that wrote children; one the API server undid spends the whole window (it
+        would undo the next attempt too)."""
+        if outcome.refused:
+            now = self._clock()
+            self._spent[(namespace, name)] = deque([now] * self._limit)
+        elif outcome.changes:
+            self.spend(namespace, name)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._spent.pop((namespace, name), None)
+
+
+#: Kind of a child → the manifest the operator would write for it (None: it should not exist).
+_SIMPLE_CHILDREN: Final[dict[str, Callable[[Function, str], Obj | None]]] = {
+    "ConfigMap": manifests.configmap,
+    "ServiceAccount": manifests.service_account,
+    "NetworkPolicy": manifests.network_policy,
+    "Service": manifests.service,
+}
+CHILD_KINDS: Final = (*_SIMPLE_CHILDREN, "Deployment")
+
+
+async def child_drift(
+    api: Api, settings: Settings, function_body: Mapping[str, Any], child: Mapping[str, Any]
+) -> list[str]:
+    """How a child differs from what reconciling its Function would write: the differing fields, or
+    ``["(not wanted)"]`` for a child the Function no longer has; empty when the child is as it should be or
+    the Function cannot say (an invalid spec or missing code: its own retries deal with it)."""
+    kind, child_name = str(child["kind"]), str(child["metadata"]["name"])
+    function, _problems = parse(function_body)
+    if function is None:
+        return []
+    uid = str(function_body["metadata"]["uid"])
+    desired: Obj | None
+    if kind == "Deployment":
+        code_hash, _problem = await _code_hash(api, function)
+        if code_hash is None:
+            return []
+        generation = int(function_body["metadata"].get("generation") or 0)
+        desired = desired_deployment(function, uid, settings, generation, code_hash)
+    elif kind in _SIMPLE_CHILDREN:
+        desired = _SIMPLE_CHILDREN[kind](function, uid)
+    else:
+        return []
+    if desired is None:
+        return ["(not wanted)"]
+    if desired["metadata"]["name"] != child_name:
+        return []  # not a name this Function writes
+    return drift.differences(desired, child)
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What ``repair`` did for one child event."""
+
+    function: Obj  # the owning Function as read
+    drift: tuple[str, ...]  # what was found ("deleted" for a deleted child)
+    outcome: Outcome | None = None  # the reconcile that repaired it
+    wait: float = 0.0  # > 0: throttled; try again after this many seconds
+
+
+async def repair(
+    api: Api,
+    settings: Settings,
+    kind: str,
+    child: Mapping[str, Any],
+    *,
+    deleted: bool,
+    now: Callable[[], datetime.datetime],
+    budget: RepairBudget,
+) -> Repair | None:
+    """Put back one child of a Function if it was deleted or drifted from what the operator writes, by
+    reconciling the Function. None when there is nothing to do: the child is as it should be, it has no
+    owning Function (or the Function is going away), or the Function's newest spec is not applied yet (its
+    own reconcile writes the children; a repair now would report a spec change as drift)."""
+    owner = controller_of(child)
+    if owner is None:
+        return None
+    name, uid = owner
+    namespace = str(child["metadata"]["namespace"])
+    function = await api.get("Function", namespace, name)
+    if function is None or function["metadata"].get("uid") != uid or function["metadata"].get("deletionTimestamp"):
+        budget.forget(namespace, name)
+        return None
+    current = function.get("status") or {}
+    if current.get("observedGeneration") != int(function["metadata"].get("generation") or 0):
+        return None
+    ready = status.ready_condition(current)
+    if ready is not None and ready.get("reason") in status.SPEC_REASONS:
+        return None
+    child_name = str(child["metadata"]["name"])
+    if deleted:
+        found = ["deleted"]
+    else:
+        found = await child_drift(api, settings, function, {**child, "kind": kind})
+        if not found:
+            return None
+    what = tuple(f"{kind} {child_name}: {item}" for item in found)
+    wait = budget.wait(namespace, name)
+    if wait > 0:
+        await report_throttled(api, function, what, wait, now)
+        return Repair(function, what, wait=wait)
+    outcome = await reconcile(api, settings, function, now)
+    budget.record(namespace, name, outcome)
+    return Repair(function, what, outcome)
+
+
+async def report_throttled(
+    api: Api, function: Mapping[str, Any], what: tuple[str, ...], wait: float, now: Callable[[], datetime.datetime]
+) -> None:
+    """``ChildrenInSync`` False, ``RepairThrottled``: what drifted and when the next repair runs."""
+    current = function.get("status") or {}
+    generation = int(function["metadata"].get("generation") or 0)
+    message = (
+        f"{'; '.join(what)}: not repaired yet: the children were repaired {REPAIR_LIMIT} times in the last "
+        f"{REPAIR_WINDOW_SECONDS:.0f} s (something keeps changing them: another controller, an admission "
+        f"webhook, a script?); the next repair runs in {wait:.0f} s"
+    )
+    condition = status.sync_condition(
+        current, ok=False, reason=status.SyncReason.REPAIR_THROTTLED, message=message, generation=generation, now=now()
+    )
+    previous = status.find_condition(current, status.CHILDREN_IN_SYNC)
+    if previous is not None and previous.get("reason") in {
+        status.SyncReason.REPAIR_THROTTLED,
+        status.SyncReason.REPAIR_FAILED,
+    }:
+        return  # already reported (a failed repair says more than that it waits): one status write is enough
+    meta = function["metadata"]
+    await api.patch_function_status(
+        meta["namespace"], meta["name"], {"conditions": status.with_condition(current, condition)}
+    )

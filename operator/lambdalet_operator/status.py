@@ -11,6 +11,15 @@ validated against ``lambdalet.crd.FunctionStatus`` (the schema the CRD publishes
 * ``CodeUnavailable`` — the code cannot be found (e.g. the named ConfigMap does not exist yet).
 * ``Conflict``        — a child's name is taken by an object this Function does not own.
 * ``RolloutFailed``   — the Deployment exceeded its progress deadline (pods crash or cannot start).
+
+``ChildrenInSync``, written only once a child has needed repair (see ``reconcile.repair``):
+
+* ``Repaired``        — True: a child deleted or changed by hand was put back; the message says which,
+  which fields, and when.
+* ``RepairFailed``    — False: the API server did not keep what the operator wrote (an admission webhook
+  or another controller changes it back); the operator does not fight it.
+* ``RepairThrottled`` — False: the children were repaired too often; the next repair waits.
+* ``InSync``          — True: after one of the two above, every child is as the operator writes it.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 from lambdalet.crd import FunctionStatus
 
 READY = "Ready"
+CHILDREN_IN_SYNC = "ChildrenInSync"
 
 
 class Reason(StrEnum):
@@ -39,34 +49,47 @@ class Reason(StrEnum):
 SPEC_REASONS = frozenset({Reason.INVALID_SPEC, Reason.CODE_UNAVAILABLE, Reason.CONFLICT})
 
 
+class SyncReason(StrEnum):
+    IN_SYNC = "InSync"
+    REPAIRED = "Repaired"
+    REPAIR_FAILED = "RepairFailed"
+    REPAIR_THROTTLED = "RepairThrottled"
+
+
 def timestamp(now: datetime.datetime) -> str:
     return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def ready_condition(status: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+def find_condition(status: Mapping[str, Any] | None, kind: str) -> Mapping[str, Any] | None:
     for condition in (status or {}).get("conditions") or []:
-        if condition.get("type") == READY:
+        if condition.get("type") == kind:
             result: Mapping[str, Any] = condition
             return result
     return None
+
+
+def ready_condition(status: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    return find_condition(status, READY)
 
 
 def condition(
     previous: Mapping[str, Any] | None,
     *,
     ok: bool,
-    reason: Reason,
+    reason: Reason | SyncReason,
     message: str,
     generation: int | None,
     now: datetime.datetime,
+    kind: str = READY,
 ) -> dict[str, Any]:
-    """The ``Ready`` condition; ``lastTransitionTime`` moves only when the status flips."""
+    """A condition (``Ready`` unless ``kind`` says otherwise); ``lastTransitionTime`` moves only when the
+    status flips."""
     value = "True" if ok else "False"
     since = timestamp(now)
     if previous is not None and previous.get("status") == value and previous.get("lastTransitionTime"):
         since = str(previous["lastTransitionTime"])
     return {
-        "type": READY,
+        "type": kind,
         "status": value,
         "reason": str(reason),
         "message": message,
@@ -120,6 +143,36 @@ def deployment_readiness(
     return True, Reason.READY, f"{ready} of {desired} environments ready", ready, desired
 
 
+def sync_condition(
+    previous: Mapping[str, Any] | None,
+    *,
+    ok: bool,
+    reason: SyncReason,
+    message: str,
+    generation: int | None,
+    now: datetime.datetime,
+) -> dict[str, Any]:
+    """The ``ChildrenInSync`` condition, from the previous ``.status``."""
+    return condition(
+        find_condition(previous, CHILDREN_IN_SYNC),
+        ok=ok,
+        reason=reason,
+        message=message,
+        generation=generation,
+        now=now,
+        kind=CHILDREN_IN_SYNC,
+    )
+
+
+def with_condition(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The previous conditions with ``new`` in place of the one of its type (merge patch replaces the
+    whole list); ``Ready`` stays first."""
+    out = [dict(c) for c in (previous or {}).get("conditions") or [] if c.get("type") != new["type"]]
+    out.append(dict(new))
+    out.sort(key=lambda c: c.get("type") != READY)
+    return out
+
+
 def build(
     previous: Mapping[str, Any] | None,
     *,
@@ -132,14 +185,17 @@ def build(
     url: str | None = None,
     ready: int | None = None,
     desired: int | None = None,
+    sync: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole ``.status`` to merge-patch; keys left None are not written."""
-    out: dict[str, Any] = {
-        "conditions": [
-            condition(ready_condition(previous), ok=ok, reason=reason, message=message, generation=generation, now=now)
-        ],
-        "observedGeneration": generation,
-    }
+    """The whole ``.status`` to merge-patch; keys left None are not written. Conditions other than
+    ``Ready`` are kept from ``previous`` (``sync``, when given, replaces ``ChildrenInSync``)."""
+    ready_now = condition(
+        ready_condition(previous), ok=ok, reason=reason, message=message, generation=generation, now=now
+    )
+    conditions = with_condition(previous, ready_now)
+    if sync is not None:
+        conditions = with_condition({"conditions": conditions}, sync)
+    out: dict[str, Any] = {"conditions": conditions, "observedGeneration": generation}
     for key, value in (
         ("codeSha256", code_sha256),
         ("url", url),
