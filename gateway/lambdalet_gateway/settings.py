@@ -55,6 +55,9 @@ class Settings:
     fast_start: bool = True
     #: With fast start, agents forked ahead and kept waiting for the next cold starts.
     standby_agents: int = 1
+    #: Kubernetes backend: hand a new pod to a waiting start as soon as its agent answers ``GET /readyz``
+    #: (not when the kubelet's readiness probe next passes).
+    kube_probe_agents: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -113,6 +116,7 @@ class Settings:
             # LAMBDALET_AGENT_FORK_SERVER: the former opt-in for the same mechanism, now on by default
             fast_start=flag("LAMBDALET_FAST_START", True) and flag("LAMBDALET_AGENT_FORK_SERVER", True),
             standby_agents=integer("LAMBDALET_STANDBY_AGENTS", cls.standby_agents, 0),
+            kube_probe_agents=flag("LAMBDALET_KUBE_PROBE_AGENTS", True),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -343,8 +343,9 @@ async def test_asking_agents_can_be_turned_off_and_a_bad_value_is_named(
 ) -> None:
     agent = await agent_factory([200])
     api = FakeApi(functions=[function_object("hello")], deployments=[deployment("hello", 0)])
-    settings = Settings(backend="kubernetes", namespaces=(NS,))
-    backend = KubernetesBackend(settings, lambda env: None, api=api, environ={"LAMBDALET_KUBE_PROBE_AGENTS": "0"})
+    settings = Settings.from_env({"LAMBDALET_BACKEND": "kubernetes", "LAMBDALET_KUBE_PROBE_AGENTS": "0"})
+    settings = settings.with_overrides(namespaces=(NS,))
+    backend = KubernetesBackend(settings, lambda env: None, api=api)
     catalogs: list[Catalog] = []
     await backend.registry(catalogs.append).reload()
     start = asyncio.create_task(backend.start(catalogs[-1].functions["hello"].function, provisioned=False))
@@ -358,4 +359,4 @@ async def test_asking_agents_can_be_turned_off_and_a_bad_value_is_named(
     assert (await asyncio.wait_for(start, 5)).url == "http://10.0.0.1:8080"
     await backend.close()
     with pytest.raises(SettingsError, match="LAMBDALET_KUBE_PROBE_AGENTS must be true or false"):
-        KubernetesBackend(settings, lambda env: None, api=api, environ={"LAMBDALET_KUBE_PROBE_AGENTS": "maybe"})
+        Settings.from_env({"LAMBDALET_KUBE_PROBE_AGENTS": "maybe"})

@@ -56,7 +56,7 @@ import aiohttp
 from lambdalet.spec import Function, SpecError
 from lambdalet_gateway.backend import Environment, EnvironmentId, LostCallback, StartError
 from lambdalet_gateway.registry import Catalog, FunctionRecord, Registry
-from lambdalet_gateway.settings import Settings, SettingsError
+from lambdalet_gateway.settings import Settings
 
 from .api import (
     DEPLOYMENTS,
@@ -187,7 +187,7 @@ class KubernetesBackend:
         self._settings = settings
         self._on_lost = on_lost
         self._environ = dict(os.environ if environ is None else environ)
-        self._probe_agents = _flag(self._environ, PROBE_AGENTS_VARIABLE, default=True)
+        self._probe_agents = settings.kube_probe_agents
         self._scopes: tuple[str | None, ...] = settings.namespaces or (None,)
         self._api: Api | None = api
         self._detached = False
@@ -726,17 +726,6 @@ class KubernetesBackend:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("Kubernetes backend task failed", exc_info=task.exception())
-
-
-def _flag(environ: Mapping[str, str], name: str, *, default: bool) -> bool:
-    raw = environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in {"0", "false", "no"}:
-        return False
-    if raw in {"1", "true", "yes"}:
-        return True
-    raise SettingsError(f"{name} must be true or false (got {environ[name]!r})")
 
 
 def _fields(env: Environment) -> dict[str, str]:
