@@ -38,6 +38,8 @@ from lambdalet.crd import PLURAL, VERSION
 from lambdalet.spec import API_GROUP
 from lambdalet_operator import kube, manifests
 from lambdalet_operator.reconcile import (
+    API_RETRY_SECONDS,
+    FORBIDDEN_RETRY_SECONDS,
     Locks,
     Outcome,
     RepairBudget,
@@ -49,9 +51,6 @@ from lambdalet_operator.reconcile import (
 from lambdalet_operator.settings import Settings
 
 logger = logging.getLogger("lambdalet.operator")
-
-#: Backoff for API errors: kopf retries the handler after this delay.
-API_RETRY_SECONDS = 5.0
 
 MEMO_API = "api"
 MEMO_SETTINGS = "settings"
@@ -158,7 +157,8 @@ async def _reconcile(body: Mapping[str, Any], memo: kopf.Memo) -> Outcome:
         try:
             outcome = await reconcile(api, memo[MEMO_SETTINGS], raw, _now)
         except kube.Forbidden as exc:
-            raise kopf.TemporaryError(f"permission denied (the operator's Role lacks it): {exc}", delay=30) from exc
+            message = f"permission denied (the operator's Role lacks it): {exc}"
+            raise kopf.TemporaryError(message, delay=FORBIDDEN_RETRY_SECONDS) from exc
         except kube.KubeError as exc:
             raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=API_RETRY_SECONDS) from exc
     _post(body, outcome)
@@ -210,19 +210,14 @@ async def child_event(body: kopf.Body, type: str | None, resource: kopf.Resource
             locks.forget(namespace, name)
         return
     if result.wait > 0:
-        logger.warning(
-            "Function %s/%s: %s; repairs wait %.0f s (budget spent)",
-            namespace,
-            name,
-            "; ".join(result.drift),
-            result.wait,
-        )
-        kopf.event(
-            _as_body(result.function),
-            type="Warning",
-            reason="RepairThrottled",
-            message=f"{'; '.join(result.drift)}: repaired too often; the next repair runs in {result.wait:.0f} s",
-        )
+        drifted = "; ".join(result.drift)
+        if result.error:
+            reason, message = "RepairFailed", f"{drifted}: the repair failed: {result.error}"
+        else:
+            reason, message = "RepairThrottled", f"{drifted}: repaired too often"
+        message += f"; the next repair runs in {result.wait:.0f} s"
+        logger.warning("Function %s/%s: %s", namespace, name, message)
+        kopf.event(_as_body(result.function), type="Warning", reason=reason, message=message)
         _schedule_recheck(memo, namespace, name, result.wait)
         return
     if result.outcome is not None:
@@ -231,7 +226,8 @@ async def child_event(body: kopf.Body, type: str | None, resource: kopf.Resource
 
 
 def _schedule_recheck(memo: kopf.Memo, namespace: str, name: str, wait: float) -> None:
-    """Reconcile the Function once the repair budget allows (one pending recheck per Function)."""
+    """Reconcile the Function after ``wait`` seconds: once the repair budget allows, or after an API error
+    (one pending recheck per Function; one stopped by an API error schedules the next)."""
     rechecks: dict[tuple[str, str], asyncio.Task[None]] = memo[MEMO_RECHECKS]
     pending = rechecks.get((namespace, name))
     if pending is not None and not pending.done():
@@ -248,8 +244,16 @@ async def _recheck(memo: kopf.Memo, namespace: str, name: str, wait: float) -> N
         if function is None or function["metadata"].get("deletionTimestamp"):
             return
         outcome = await _reconcile(function, memo)
-    except (kopf.TemporaryError, kopf.PermanentError, kube.KubeError) as exc:
+    except (kopf.TemporaryError, kube.KubeError) as exc:
+        api_error = isinstance(exc, kube.KubeError) or isinstance(exc.__cause__, kube.KubeError)
+        delay = float(getattr(exc, "delay", None) or API_RETRY_SECONDS)
         logger.warning("Function %s/%s: the delayed repair failed: %s", namespace, name, exc)
+        if api_error:  # other problems (the spec's own) are retried by the Function's handler
+            memo[MEMO_RECHECKS].pop((namespace, name), None)
+            _schedule_recheck(memo, namespace, name, delay)
+        return
+    except kopf.PermanentError as exc:
+        logger.warning("Function %s/%s: the delayed repair found: %s", namespace, name, exc)
         return
     budget.record(namespace, name, outcome)
 

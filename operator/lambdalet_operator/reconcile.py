@@ -28,7 +28,7 @@ from typing import Any, Final, Protocol
 
 from lambdalet.spec import API_VERSION, KIND, Function, SpecError, all_errors, parse_function, validate_for_cluster
 from lambdalet_operator import drift, manifests, status
-from lambdalet_operator.kube import Conflict, Invalid, KubeError, Obj
+from lambdalet_operator.kube import Conflict, Forbidden, Invalid, KubeError, Obj
 from lambdalet_operator.settings import Settings
 
 logger = logging.getLogger("lambdalet.operator")
@@ -40,6 +40,9 @@ CONFLICT_RETRY_SECONDS: Final = 30.0
 #: Repairs of one Function's children allowed per window; past that, the next one waits.
 REPAIR_LIMIT: Final = 10
 REPAIR_WINDOW_SECONDS: Final = 60.0
+#: A repair stopped by an API error is tried again after this long (a missing permission: longer).
+API_RETRY_SECONDS: Final = 5.0
+FORBIDDEN_RETRY_SECONDS: Final = 30.0
 
 
 class Api(Protocol):
@@ -412,7 +415,7 @@ class RepairBudget:
         window: float = REPAIR_WINDOW_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._limit, self._window, self._clock = limit, window, clock
+        self.limit, self.window, self._clock = limit, window, clock
         self._spent: dict[tuple[str, str], deque[float]] = {}
 
     def wait(self, namespace: str, name: str) -> float:
@@ -421,11 +424,11 @@ class RepairBudget:
         if not spent:
             return 0.0
         now = self._clock()
-        while spent and spent[0] <= now - self._window:
+        while spent and spent[0] <= now - self.window:
             spent.popleft()
-        if len(spent) < self._limit:
+        if len(spent) < self.limit:
             return 0.0
-        return spent[0] + self._window - now
+        return spent[0] + self.window - now
 
     def spend(self, namespace: str, name: str) -> None:
         self._spent.setdefault((namespace, name), deque()).append(self._clock())
@@ -435,7 +438,7 @@ class RepairBudget:
         would undo the next attempt too)."""
         if outcome.refused:
             now = self._clock()
-            self._spent[(namespace, name)] = deque([now] * self._limit)
+            self._spent[(namespace, name)] = deque([now] * self.limit)
         elif outcome.changes:
             self.spend(namespace, name)
 
@@ -489,7 +492,8 @@ class Repair:
     function: Obj  # the owning Function as read
     drift: tuple[str, ...]  # what was found ("deleted" for a deleted child)
     outcome: Outcome | None = None  # the reconcile that repaired it
-    wait: float = 0.0  # > 0: throttled; try again after this many seconds
+    wait: float = 0.0  # > 0: not repaired (throttled, or ``error``); try again after this many seconds
+    error: str = ""  # the API error that stopped the repair
 
 
 async def repair(
@@ -531,33 +535,69 @@ async def repair(
     what = tuple(f"{kind} {child_name}: {item}" for item in found)
     wait = budget.wait(namespace, name)
     if wait > 0:
-        await report_throttled(api, function, what, wait, now)
+        await report_throttled(api, function, what, wait=wait, now=now, budget=budget)
         return Repair(function, what, wait=wait)
-    outcome = await reconcile(api, settings, function, now)
+    try:
+        outcome = await reconcile(api, settings, function, now)
+    except KubeError as exc:
+        retry = FORBIDDEN_RETRY_SECONDS if isinstance(exc, Forbidden) else API_RETRY_SECONDS
+        await report_failed(api, function, what, error=exc, retry=retry, now=now)
+        return Repair(function, what, wait=retry, error=str(exc))
     budget.record(namespace, name, outcome)
     return Repair(function, what, outcome)
 
 
 async def report_throttled(
-    api: Api, function: Mapping[str, Any], what: tuple[str, ...], wait: float, now: Callable[[], datetime.datetime]
+    api: Api,
+    function: Mapping[str, Any],
+    what: tuple[str, ...],
+    *,
+    wait: float,
+    now: Callable[[], datetime.datetime],
+    budget: RepairBudget,
 ) -> None:
-    """``ChildrenInSync`` False, ``RepairThrottled``: what drifted and when the next repair runs."""
-    current = function.get("status") or {}
-    generation = int(function["metadata"].get("generation") or 0)
+    """``ChildrenInSync`` False, ``RepairThrottled``: what drifted and when the next repair runs (written
+    once: not over a ``RepairFailed``, which says more, nor over itself)."""
     message = (
-        f"{'; '.join(what)}: not repaired yet: the children were repaired {REPAIR_LIMIT} times in the last "
-        f"{REPAIR_WINDOW_SECONDS:.0f} s (something keeps changing them: another controller, an admission "
-        f"webhook, a script?); the next repair runs in {wait:.0f} s"
+        f"{'; '.join(what)}: not repaired yet: the children were repaired {budget.limit} times in the last "
+        f"{budget.window:.0f} s (something keeps changing them: another controller, an admission webhook, a "
+        f"script?); the next repair runs in {wait:.0f} s"
     )
-    condition = status.sync_condition(
-        current, ok=False, reason=status.SyncReason.REPAIR_THROTTLED, message=message, generation=generation, now=now()
-    )
-    previous = status.find_condition(current, status.CHILDREN_IN_SYNC)
+    previous = status.find_condition(function.get("status"), status.CHILDREN_IN_SYNC)
     if previous is not None and previous.get("reason") in {
         status.SyncReason.REPAIR_THROTTLED,
         status.SyncReason.REPAIR_FAILED,
     }:
-        return  # already reported (a failed repair says more than that it waits): one status write is enough
+        return
+    await _write_sync(api, function, status.SyncReason.REPAIR_THROTTLED, message, now)
+
+
+async def report_failed(
+    api: Api,
+    function: Mapping[str, Any],
+    what: tuple[str, ...],
+    *,
+    error: Exception,
+    retry: float,
+    now: Callable[[], datetime.datetime],
+) -> None:
+    """``ChildrenInSync`` False, ``RepairFailed``: the repair's API call failed (best effort: the API may
+    be what is failing)."""
+    message = f"{'; '.join(what)}: the repair failed: {error}; trying again in {retry:.0f} s"
+    try:
+        await _write_sync(api, function, status.SyncReason.REPAIR_FAILED, message, now)
+    except KubeError as exc:
+        logger.warning("could not report the failed repair in Function status: %s", exc)
+
+
+async def _write_sync(
+    api: Api, function: Mapping[str, Any], reason: status.SyncReason, message: str, now: Callable[[], datetime.datetime]
+) -> None:
+    current = function.get("status") or {}
+    generation = int(function["metadata"].get("generation") or 0)
+    condition = status.sync_condition(
+        current, ok=False, reason=reason, message=message, generation=generation, now=now()
+    )
     meta = function["metadata"]
     await api.patch_function_status(
         meta["namespace"], meta["name"], {"conditions": status.with_condition(current, condition)}

@@ -10,6 +10,7 @@ DELETED event to its ADDED event)."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import threading
@@ -51,16 +52,19 @@ def in_sync_condition(cluster: Cluster, namespace: str, name: str) -> dict[str, 
 
 
 def wait_repaired(cluster: Cluster, namespace: str, name: str, changes: str) -> dict[str, Any]:
-    """The Function's ChildrenInSync condition once it reports a repair that wrote exactly ``changes``."""
-    suffix = f"put back children changed outside the Function: {changes}"
+    """The Function's ChildrenInSync condition once it reports a repair that wrote exactly ``changes``
+    (the condition lists every write of the repair)."""
+    pattern = re.compile(r"^at \S+ put back children changed outside the Function: (.*)$")
 
     def check() -> dict[str, Any] | None:
         condition = in_sync_condition(cluster, namespace, name)
-        if condition and condition["reason"] == "Repaired" and condition["message"].endswith(suffix):
-            return condition
+        if condition and condition["reason"] == "Repaired":
+            match = pattern.match(condition["message"])
+            if match and match.group(1) == changes:
+                return condition
         return None
 
-    condition = wait_until(check, 30, f"ChildrenInSync of {name} to report: {changes}")
+    condition = wait_until(check, 30, f"ChildrenInSync of {name} to report exactly: {changes}")
     assert condition["status"] == "True"
     return condition
 
@@ -178,6 +182,46 @@ def test_a_deleted_child_comes_back_with_its_content(cluster: Cluster, operator:
 
     event = wait_until(repaired_event, 30, f"a Repaired event on Function {fn_name}")
     assert event["type"] == "Normal" and event["involvedObject"]["kind"] == "Function"
+
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # One vCPU: the request is written as 1000m and stored as "1".
+    "one-vcpu": {"memoryMB": 1769},
+    # Written as 2048Mi, stored as "2Gi".
+    "2gi": {"memoryMB": 2048, "ephemeralStorageMB": 1024},
+    "image": {"code": {"image": "lambdalet.test/python-ric:latest"}, "runtime": None},
+    "url": {"code": {"url": "http://code.invalid/fn.zip", "sha256": "0" * 64}},
+    "secrets": {
+        "environment": {
+            "variables": {"STAGE": "prod"},
+            "secretKeyRefs": [{"name": "DB_PASSWORD", "secretKeyRef": {"name": "db", "key": "password"}}],
+            "envFrom": [{"secretRef": {"name": "keys", "optional": True}}],
+        }
+    },
+    # The server defaults the port's protocol.
+    "dns-egress": {"network": {"egress": [{"ports": [{"port": 53}], "to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]}},
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_a_repair_rewrites_nothing_the_api_server_filled_in(cluster: Cluster, operator: Release, shape: str) -> None:
+    """For each shape of Function, a repair (which reconciles every child) writes only the deleted child:
+    the server's defaults and canonical forms in the others are not drift, so nothing loops."""
+    ns = operator.functions
+    name = f"shape-{shape}"
+    spec = {"network": {"egress": []}, **{k: v for k, v in SHAPES[shape].items() if v is not None}}
+    manifest = function_manifest(name, **spec)
+    if SHAPES[shape].get("runtime", "") is None:
+        del manifest["spec"]["runtime"]
+    cluster.apply([manifest], ns)
+    wait_ready(cluster, ns, name, timeout=60)
+    resources = container(cluster, ns, name)["resources"] if shape != "image" else {}
+    if shape == "one-vcpu":
+        assert resources["requests"]["cpu"] == "1"  # the operator wrote 1000m
+    if shape == "2gi":
+        assert resources["limits"]["memory"] == "2Gi"  # the operator wrote 2048Mi
+    cluster.kubectl("delete", "serviceaccount", "-n", ns, name, "--wait=true")
+    wait_repaired(cluster, ns, name, f"created ServiceAccount {name}")
 
 
 def test_a_network_policy_opened_to_everything_is_reverted(cluster: Cluster, operator: Release) -> None:

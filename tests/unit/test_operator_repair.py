@@ -9,8 +9,8 @@ import copy
 from typing import Any
 
 from lambdalet_operator import status
-from lambdalet_operator.kube import Obj
-from lambdalet_operator.reconcile import RepairBudget, reconcile, repair
+from lambdalet_operator.kube import Forbidden, Obj
+from lambdalet_operator.reconcile import FORBIDDEN_RETRY_SECONDS, RepairBudget, reconcile, repair
 from lambdalet_operator.settings import Settings
 from operator_support import NOW, FakeApi, resource
 
@@ -193,7 +193,10 @@ async def test_repairs_are_rate_limited_per_function_and_resume_after_the_window
     assert api.find("Service", "hello") is None
     condition = sync_condition(api)
     assert condition is not None and (condition["status"], condition["reason"]) == ("False", "RepairThrottled")
-    assert "Service hello: deleted" in condition["message"] and "58 s" in condition["message"]
+    assert (
+        "Service hello: deleted" in condition["message"] and "repaired 2 times in the last 60 s" in condition["message"]
+    )
+    assert condition["message"].endswith("the next repair runs in 58 s")
     clock.value += 58
     resumed = await repair(api, SETTINGS, "Service", gone, deleted=True, now=now, budget=budget)
     assert resumed is not None and resumed.outcome is not None
@@ -213,3 +216,29 @@ async def test_a_child_of_a_function_being_deleted_is_left_to_garbage_collection
     api.writes.clear()
     assert await repair(api, SETTINGS, "Service", gone, deleted=True, now=now, budget=RepairBudget()) is None
     assert api.writes == []
+
+
+class ForbiddenServices(FakeApi):
+    """The operator's Role lost ``create`` on Services (once ``forbid`` is set)."""
+
+    forbid = False
+
+    async def create(self, obj: Any) -> Obj:
+        if self.forbid and obj["kind"] == "Service":
+            raise Forbidden('services is forbidden: cannot create resource "services"', 403)
+        return await super().create(obj)
+
+
+async def test_a_repair_the_api_refuses_is_reported_with_the_error_and_retried_later() -> None:
+    api = ForbiddenServices()
+    await deployed(api)
+    api.forbid = True
+    gone = child(api, "Service")
+    await api.delete("Service", "default", "hello")
+    result = await repair(api, SETTINGS, "Service", gone, deleted=True, now=now, budget=RepairBudget())
+    assert result is not None and result.outcome is None
+    assert result.wait == FORBIDDEN_RETRY_SECONDS and "cannot create resource" in result.error
+    condition = sync_condition(api)
+    assert condition is not None and (condition["status"], condition["reason"]) == ("False", "RepairFailed")
+    assert condition["message"].startswith("Service hello: deleted: the repair failed: services is forbidden")
+    assert condition["message"].endswith(f"trying again in {FORBIDDEN_RETRY_SECONDS:.0f} s")
