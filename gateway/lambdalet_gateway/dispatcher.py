@@ -150,7 +150,7 @@ class StreamedResult:
             if failure is not None:
                 self._stream.close()
                 self.failure = f"the execution environment failed mid-stream: {failure!r}"
-                pool.metrics.outcomes["error"].inc()
+                pool.metrics.outcomes["error"] += 1
                 pool.busy.pop(env.id, None)
                 self._dispatcher._discard(env)
                 return
@@ -410,15 +410,15 @@ class Dispatcher:
                 return result
         except StartError as exc:
             if not exc.function_error:
-                pool.metrics.outcomes["error"].inc()
+                pool.metrics.outcomes["error"] += 1
                 raise ServiceError(str(exc), request_id=request_id) from exc
-            pool.metrics.outcomes["function_error"].inc()
+            pool.metrics.outcomes["function_error"] += 1
             body = json.dumps({"errorMessage": str(exc), "errorType": exc.error_type, "stackTrace": []}).encode()
             return InvocationResult(request_id, body, "application/json", function_error="Unhandled")
         except LambdaError as exc:
             exc.request_id = request_id
             if not isinstance(exc, Throttled):
-                pool.metrics.outcomes["error"].inc()
+                pool.metrics.outcomes["error"] += 1
             raise
         finally:
             if not streaming:
@@ -703,14 +703,14 @@ def _account(
     duration = _ms(values.get("x-lambdalet-duration-ms"))
     billed = _ms(values.get("x-lambdalet-billed-duration-ms"))
     init = _ms(values.get("x-lambdalet-init-duration-ms"))
-    (metrics.outcomes["function_error"] if function_error else metrics.outcomes["success"]).inc()
+    metrics.outcomes["function_error" if function_error else "success"] += 1
     if duration is not None:
         metrics.duration.observe(duration / 1000)
     if init is not None:
-        metrics.cold_starts.inc()
+        metrics.cold_starts += 1
         metrics.init_duration.observe(init / 1000)
     if billed is not None:
-        metrics.billed_gb_seconds.inc(billed / 1000 * pool.function.spec.memoryMB / 1024)
+        metrics.billed_gb_seconds += billed / 1000 * pool.function.spec.memoryMB / 1024
     return duration, billed, init
 
 
