@@ -216,23 +216,33 @@ async def child_event(body: kopf.Body, type: str | None, resource: kopf.Resource
         else:
             reason, message = "RepairThrottled", f"{drifted}: repaired too often"
         message += f"; the next repair runs in {result.wait:.0f} s"
-        logger.warning("Function %s/%s: %s", namespace, name, message)
-        kopf.event(_as_body(result.function), type="Warning", reason=reason, message=message)
-        _schedule_recheck(memo, namespace, name, result.wait)
+        if _schedule_recheck(memo, namespace, name, result.wait):  # once per wait, not per event meanwhile
+            logger.warning("Function %s/%s: %s", namespace, name, message)
+            kopf.event(_as_body(result.function), type="Warning", reason=reason, message=message)
         return
     if result.outcome is not None:
         logger.warning("Function %s/%s: %s; reconciled", namespace, name, "; ".join(result.drift))
         _post(result.function, result.outcome)
 
 
-def _schedule_recheck(memo: kopf.Memo, namespace: str, name: str, wait: float) -> None:
+def _schedule_recheck(memo: kopf.Memo, namespace: str, name: str, wait: float) -> bool:
     """Reconcile the Function after ``wait`` seconds: once the repair budget allows, or after an API error
-    (one pending recheck per Function; one stopped by an API error schedules the next)."""
+    (one pending recheck per Function; one stopped by an API error schedules the next). False when one
+    is already pending."""
     rechecks: dict[tuple[str, str], asyncio.Task[None]] = memo[MEMO_RECHECKS]
     pending = rechecks.get((namespace, name))
     if pending is not None and not pending.done():
-        return
-    rechecks[(namespace, name)] = asyncio.get_running_loop().create_task(_recheck(memo, namespace, name, wait))
+        return False
+    key = (namespace, name)
+    task = asyncio.get_running_loop().create_task(_recheck(memo, namespace, name, wait))
+    rechecks[key] = task
+
+    def forget(done: asyncio.Task[None]) -> None:
+        if rechecks.get(key) is done:
+            del rechecks[key]
+
+    task.add_done_callback(forget)
+    return True
 
 
 async def _recheck(memo: kopf.Memo, namespace: str, name: str, wait: float) -> None:

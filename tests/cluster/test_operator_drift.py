@@ -307,3 +307,39 @@ def test_repair_time(cluster: Cluster, operator: Release) -> None:
         f"Service deleted -> re-created (watch events), 5 deletions: median {median:.0f} ms"
         f" (min {min(durations) * 1000:.0f}, max {max(durations) * 1000:.0f})"
     )
+
+
+@pytest.mark.slow
+def test_repairs_past_the_budget_wait_then_happen(cluster: Cluster, operator: Release) -> None:
+    """Deleting a Service over and over (a script, another controller): ten repairs a minute, then the
+    Function says the repair waits, and the Service comes back once the minute has passed."""
+    ns = operator.functions
+    deployed(cluster, ns, "hounded")
+    uid = cluster.get("service", "-n", ns, "hounded")["metadata"]["uid"]
+    for attempt in range(10):
+
+        def recreated(old: str = uid) -> str | None:
+            found = cluster.kubectl("get", "service", "-n", ns, "hounded", "-o", "json", check=False)
+            new: str = json.loads(found.stdout)["metadata"]["uid"] if found.returncode == 0 else old
+            return new if new != old else None
+
+        cluster.kubectl("delete", "service", "-n", ns, "hounded", "--wait=true")
+        uid = wait_until(recreated, 30, f"repair {attempt + 1} of 10")
+    cluster.kubectl("delete", "service", "-n", ns, "hounded", "--wait=true")
+
+    def throttled() -> dict[str, Any] | None:
+        condition = in_sync_condition(cluster, ns, "hounded")
+        return condition if condition and condition["reason"] == "RepairThrottled" else None
+
+    condition = throttled() or wait_until(throttled, 30, "ChildrenInSync RepairThrottled")
+    assert condition["status"] == "False"
+    assert condition["message"].startswith("Service hounded: deleted: not repaired yet")
+    assert cluster.kubectl("get", "service", "-n", ns, "hounded", check=False).returncode != 0
+    wait_until(
+        lambda: cluster.kubectl("get", "service", "-n", ns, "hounded", check=False).returncode == 0,
+        75,
+        "the delayed repair",
+    )
+    wait_repaired(cluster, ns, "hounded", "created Service hounded")
+    events = cluster.get("events", "-n", ns, "--field-selector", "involvedObject.name=hounded")["items"]
+    assert [e["type"] for e in events if e["reason"] == "RepairThrottled"] == ["Warning"]
