@@ -223,6 +223,8 @@ async def child_event(body: kopf.Body, type: str | None, resource: kopf.Resource
     if result.outcome is not None:
         logger.warning("Function %s/%s: %s; reconciled", namespace, name, "; ".join(result.drift))
         _post(result.function, result.outcome)
+        if result.outcome.refused:  # not kept or refused: try again once the budget allows
+            _schedule_recheck(memo, namespace, name, budget.wait(namespace, name))
 
 
 def _schedule_recheck(memo: kopf.Memo, namespace: str, name: str, wait: float) -> bool:
@@ -266,6 +268,9 @@ async def _recheck(memo: kopf.Memo, namespace: str, name: str, wait: float) -> N
         logger.warning("Function %s/%s: the delayed repair found: %s", namespace, name, exc)
         return
     budget.record(namespace, name, outcome)
+    if outcome.refused:
+        memo[MEMO_RECHECKS].pop((namespace, name), None)
+        _schedule_recheck(memo, namespace, name, budget.wait(namespace, name))
 
 
 @kopf.index(API_GROUP, VERSION, PLURAL)

@@ -9,13 +9,14 @@ DELETED event to its ADDED event)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -341,5 +342,125 @@ def test_repairs_past_the_budget_wait_then_happen(cluster: Cluster, operator: Re
         "the delayed repair",
     )
     wait_repaired(cluster, ns, "hounded", "created Service hounded")
-    events = cluster.get("events", "-n", ns, "--field-selector", "involvedObject.name=hounded")["items"]
-    assert [e["type"] for e in events if e["reason"] == "RepairThrottled"] == ["Warning"]
+
+    def throttle_events() -> list[dict[str, Any]] | None:
+        events = cluster.get("events", "-n", ns, "--field-selector", "involvedObject.name=hounded")["items"]
+        return [e for e in events if e["reason"] == "RepairThrottled"] or None
+
+    [event] = wait_until(throttle_events, 30, "a RepairThrottled event on Function hounded")
+    assert event["type"] == "Warning" and event["message"].startswith("Service hounded: deleted: repaired too often")
+
+
+@contextlib.contextmanager
+def admission_policy(cluster: Cluster, kind: str, name: str, spec: dict[str, Any], namespace: str) -> Iterator[None]:
+    """A cluster-wide ``kind`` (ValidatingAdmissionPolicy or MutatingAdmissionPolicy) bound to
+    ``namespace`` only; removed afterwards."""
+    binding_spec: dict[str, Any] = {
+        "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+    }
+    if kind == "ValidatingAdmissionPolicy":
+        binding_spec |= {"policyName": name, "validationActions": ["Deny"]}
+    else:
+        binding_spec |= {"policyName": name}
+    group = "admissionregistration.k8s.io/v1"
+    documents = [
+        {"apiVersion": group, "kind": kind, "metadata": {"name": name}, "spec": spec},
+        {"apiVersion": group, "kind": f"{kind}Binding", "metadata": {"name": name}, "spec": binding_spec},
+    ]
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": documents}))
+    try:
+        yield
+    finally:
+        cluster.kubectl("delete", f"{kind.lower()}binding", name, "--ignore-not-found")
+        cluster.kubectl("delete", kind.lower(), name, "--ignore-not-found")
+
+
+def test_a_write_the_api_server_undoes_is_reported_not_fought(cluster: Cluster, operator: Release) -> None:
+    """A MutatingAdmissionPolicy opens the NetworkPolicy's egress on every update: the operator's repair
+    comes back changed, and the Function says so (RepairFailed) instead of writing again and again."""
+    ns = operator.functions
+    deployed(cluster, ns, "undone")
+    opener = {
+        "matchConstraints": {
+            "resourceRules": [
+                {
+                    "apiGroups": ["networking.k8s.io"],
+                    "apiVersions": ["v1"],
+                    "operations": ["UPDATE"],
+                    "resources": ["networkpolicies"],
+                }
+            ]
+        },
+        "matchConditions": [{"name": "only-undone", "expression": "object.metadata.name == 'undone'"}],
+        "failurePolicy": "Fail",
+        "reinvocationPolicy": "Never",
+        "mutations": [
+            {
+                "patchType": "JSONPatch",
+                "jsonPatch": {"expression": '[JSONPatch{op: "add", path: "/spec/egress", value: [{}]}]'},
+            }
+        ],
+    }
+    with admission_policy(cluster, "MutatingAdmissionPolicy", f"open-egress-{ns}", opener, ns):
+        touches = iter(range(1000))
+
+        def failed() -> dict[str, Any] | None:
+            """Touch the NetworkPolicy (a label) until the policy, once in force, opens it on the update."""
+            condition = in_sync_condition(cluster, ns, "undone")
+            if condition and condition["reason"] == "RepairFailed":
+                return condition
+            cluster.kubectl("label", "networkpolicy", "-n", ns, "undone", f"touched={next(touches)}", "--overwrite")
+            return None
+
+        condition = wait_until(failed, 30, "ChildrenInSync RepairFailed")
+        assert condition["status"] == "False"
+        assert condition["message"].startswith(
+            "the API server did not keep what the operator wrote: NetworkPolicy undone (spec.egress)"
+        )
+
+        def failure_events() -> list[dict[str, Any]] | None:
+            events = cluster.get("events", "-n", ns, "--field-selector", "involvedObject.name=undone")["items"]
+            return [e for e in events if e["reason"] == "RepairFailed"] or None
+
+        [event] = wait_until(failure_events, 30, "a RepairFailed event on Function undone")
+        assert event["type"] == "Warning" and "NetworkPolicy undone (spec.egress)" in event["message"]
+
+
+def test_a_repair_refused_by_an_admission_policy_is_reported(cluster: Cluster, operator: Release) -> None:
+    """A ValidatingAdmissionPolicy refuses the Service the operator would re-create: Ready keeps its state
+    (the spec is fine), ChildrenInSync says what refused the repair."""
+    ns = operator.functions
+    deployed(cluster, ns, "frozen")
+    freeze = {
+        "matchConstraints": {
+            "resourceRules": [
+                {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["services"]}
+            ]
+        },
+        "failurePolicy": "Fail",
+        "validations": [
+            {"expression": "object.metadata.name != 'frozen'", "message": "no new Service named frozen (test policy)"}
+        ],
+    }
+    with admission_policy(cluster, "ValidatingAdmissionPolicy", f"freeze-{ns}", freeze, ns):
+
+        def active() -> bool:
+            dry = cluster.kubectl(
+                "create", "service", "clusterip", "frozen", "-n", ns, "--tcp=8080", "--dry-run=server", check=False
+            )
+            return "no new Service named frozen" in dry.stderr
+
+        wait_until(active, 30, "the ValidatingAdmissionPolicy to be in force")
+        cluster.kubectl("delete", "service", "-n", ns, "frozen", "--wait=true")
+
+        def failed() -> dict[str, Any] | None:
+            condition = in_sync_condition(cluster, ns, "frozen")
+            return condition if condition and condition["reason"] == "RepairFailed" else None
+
+        condition = wait_until(failed, 30, "ChildrenInSync RepairFailed")
+        assert condition["status"] == "False"
+        assert condition["message"].startswith("the API server refused to put back a child:")
+        assert "no new Service named frozen (test policy)" in condition["message"]
+        fn = cluster.get("function", "-n", ns, "frozen")
+        ready = next(c for c in fn["status"]["conditions"] if c["type"] == "Ready")
+        assert (ready["status"], ready["reason"]) == ("True", "Ready")

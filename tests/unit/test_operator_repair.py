@@ -9,7 +9,7 @@ import copy
 from typing import Any
 
 from lambdalet_operator import status
-from lambdalet_operator.kube import Forbidden, Obj
+from lambdalet_operator.kube import Forbidden, Invalid, Obj
 from lambdalet_operator.reconcile import FORBIDDEN_RETRY_SECONDS, RepairBudget, reconcile, repair
 from lambdalet_operator.settings import Settings
 from operator_support import NOW, FakeApi, resource
@@ -242,3 +242,39 @@ async def test_a_repair_the_api_refuses_is_reported_with_the_error_and_retried_l
     assert condition is not None and (condition["status"], condition["reason"]) == ("False", "RepairFailed")
     assert condition["message"].startswith("Service hello: deleted: the repair failed: services is forbidden")
     assert condition["message"].endswith(f"trying again in {FORBIDDEN_RETRY_SECONDS:.0f} s")
+
+
+class FrozenServices(FakeApi):
+    """An admission policy refuses new Services (once ``frozen`` is set): 422, as the API server answers
+    for a ValidatingAdmissionPolicy."""
+
+    frozen = False
+
+    async def create(self, obj: Any) -> Obj:
+        if self.frozen and obj["kind"] == "Service":
+            raise Invalid("services is forbidden: ValidatingAdmissionPolicy 'freeze' denied request", 422)
+        return await super().create(obj)
+
+
+async def test_a_repair_refused_by_admission_is_not_an_invalid_spec() -> None:
+    """The spec was accepted before: Ready keeps its reason, ChildrenInSync says what refused the repair,
+    and the next attempt waits for the window."""
+    api = FrozenServices()
+    await deployed(api)
+    api.frozen = True
+    before = dict((api.find("Function", "hello") or {})["status"]["conditions"][0])
+    gone = child(api, "Service")
+    await api.delete("Service", "default", "hello")
+    clock = Clock()
+    budget = RepairBudget(clock=clock)
+    result = await repair(api, SETTINGS, "Service", gone, deleted=True, now=now, budget=budget)
+    assert result is not None and result.outcome is not None and not result.outcome.permanent
+    assert result.outcome.refused == (
+        "refused: services is forbidden: ValidatingAdmissionPolicy 'freeze' denied request",
+    )
+    fn = api.find("Function", "hello")
+    assert fn is not None and fn["status"]["conditions"][0] == before
+    condition = sync_condition(api)
+    assert condition is not None and (condition["status"], condition["reason"]) == ("False", "RepairFailed")
+    assert condition["message"].startswith("the API server refused to put back a child: services is forbidden")
+    assert budget.wait("default", "hello") == 60
