@@ -218,21 +218,22 @@ async def test_a_child_of_a_function_being_deleted_is_left_to_garbage_collection
     assert api.writes == []
 
 
-class ForbiddenServices(FakeApi):
-    """The operator's Role lost ``create`` on Services (once ``forbid`` is set)."""
+class RefusedServices(FakeApi):
+    """Refuses to create Services once ``error`` is set: a Role that lost ``create`` (403), an admission
+    policy (422, as the API server answers for a ValidatingAdmissionPolicy)."""
 
-    forbid = False
+    error: Exception | None = None
 
     async def create(self, obj: Any) -> Obj:
-        if self.forbid and obj["kind"] == "Service":
-            raise Forbidden('services is forbidden: cannot create resource "services"', 403)
+        if self.error is not None and obj["kind"] == "Service":
+            raise self.error
         return await super().create(obj)
 
 
 async def test_a_repair_the_api_refuses_is_reported_with_the_error_and_retried_later() -> None:
-    api = ForbiddenServices()
+    api = RefusedServices()
     await deployed(api)
-    api.forbid = True
+    api.error = Forbidden('services is forbidden: cannot create resource "services"', 403)
     gone = child(api, "Service")
     await api.delete("Service", "default", "hello")
     result = await repair(api, SETTINGS, "Service", gone, deleted=True, now=now, budget=RepairBudget())
@@ -244,24 +245,12 @@ async def test_a_repair_the_api_refuses_is_reported_with_the_error_and_retried_l
     assert condition["message"].endswith(f"trying again in {FORBIDDEN_RETRY_SECONDS:.0f} s")
 
 
-class FrozenServices(FakeApi):
-    """An admission policy refuses new Services (once ``frozen`` is set): 422, as the API server answers
-    for a ValidatingAdmissionPolicy."""
-
-    frozen = False
-
-    async def create(self, obj: Any) -> Obj:
-        if self.frozen and obj["kind"] == "Service":
-            raise Invalid("services is forbidden: ValidatingAdmissionPolicy 'freeze' denied request", 422)
-        return await super().create(obj)
-
-
 async def test_a_repair_refused_by_admission_is_not_an_invalid_spec() -> None:
     """The spec was accepted before: Ready keeps its reason, ChildrenInSync says what refused the repair,
     and the next attempt waits for the window."""
-    api = FrozenServices()
+    api = RefusedServices()
     await deployed(api)
-    api.frozen = True
+    api.error = Invalid("services is forbidden: ValidatingAdmissionPolicy 'freeze' denied request", 422)
     before = dict((api.find("Function", "hello") or {})["status"]["conditions"][0])
     gone = child(api, "Service")
     await api.delete("Service", "default", "hello")
