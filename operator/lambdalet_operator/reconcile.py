@@ -325,7 +325,7 @@ async def reconcile(
         if repairing:
             # The spec was accepted before: what refuses the child now is not the spec (an admission
             # policy, a webhook). Ready stays as it is; ChildrenInSync says what was refused.
-            return await _repair_refused(api, body, exc, applied=applied, generation=generation, stamp=now())
+            return await _repair_refused(api, body, exc, applied=applied, now=now)
         message = f"the API server refused a child object: {exc}"
         await write_status(api, body, report(False, status.Reason.INVALID_SPEC, message))
         return Outcome(status.Reason.INVALID_SPEC, message, permanent=True)
@@ -367,20 +367,14 @@ async def reconcile(
 
 
 async def _repair_refused(
-    api: Api, body: Mapping[str, Any], error: Invalid, *, applied: Applied, generation: int, stamp: datetime.datetime
+    api: Api, body: Mapping[str, Any], error: Invalid, *, applied: Applied, now: Callable[[], datetime.datetime]
 ) -> Outcome:
     previous = body.get("status") or {}
     message = (
         f"the API server refused to put back a child: {error} (an admission policy or webhook?); the "
         f"operator tries again in {REPAIR_WINDOW_SECONDS:.0f} s and whenever the child or the Function changes"
     )
-    condition = status.sync_condition(
-        previous, ok=False, reason=status.SyncReason.REPAIR_FAILED, message=message, generation=generation, now=stamp
-    )
-    meta = body["metadata"]
-    await api.patch_function_status(
-        meta["namespace"], meta["name"], {"conditions": status.with_condition(previous, condition)}
-    )
+    await _write_sync(api, body, status.SyncReason.REPAIR_FAILED, message, now)
     ready = status.ready_condition(previous) or {}
     reason = status.Reason(ready.get("reason") or status.Reason.PROGRESSING)
     return Outcome(
