@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .app import event_loop_factory
 from .cli import serve
 from .settings import Settings, SettingsError
 
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     try:
-        asyncio.run(serve(settings, announce=False))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+            runner.run(serve(settings, announce=False))
     except (OSError, SettingsError) as exc:
         print(f"lambdalet gateway: {exc}", file=sys.stderr)
         return 1

@@ -40,7 +40,7 @@ from .local import LocalBackend
 from .logs import LogStore
 from .metrics import Metrics
 from .registry import Catalog, FunctionRecord, Registry
-from .settings import Settings, SettingsError
+from .settings import EVENT_LOOPS, Settings, SettingsError
 
 log = logging.getLogger("lambdalet.gateway")
 
@@ -51,10 +51,6 @@ REGISTRY: web.AppKey[Registry] = web.AppKey("registry", Registry)
 
 #: Builds a backend: (settings, log store, callback for environments that exit on their own).
 BackendFactory = Callable[[Settings, LogStore, LostCallback], Backend]
-
-
-#: Values of the event-loop choice (``LAMBDALET_EVENT_LOOP``): uvloop when importable, or either one.
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def event_loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:

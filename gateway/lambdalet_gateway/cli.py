@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import REGISTRY, create_app
+from .app import REGISTRY, create_app, event_loop_factory
 from .settings import Settings, SettingsError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8080"
@@ -91,8 +91,9 @@ def _up(args: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(settings))
-    except OSError as exc:
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+            runner.run(serve(settings))
+    except (OSError, SettingsError) as exc:
         print(f"lambdalet up: {exc}", file=sys.stderr)
         return 1
     return 0

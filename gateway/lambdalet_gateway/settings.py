@@ -13,6 +13,9 @@ from pathlib import Path
 
 from lambdalet.names import DEFAULT_ACCOUNT, DEFAULT_REGION
 
+#: Values of the event-loop choice (``LAMBDALET_EVENT_LOOP``): uvloop when importable, or either one.
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
 
 class SettingsError(ValueError):
     """An invalid setting; the message names the variable or flag."""
@@ -58,6 +61,8 @@ class Settings:
     #: Kubernetes backend: hand a new pod to a waiting start as soon as its agent answers ``GET /readyz``
     #: (not when the kubelet's readiness probe next passes).
     kube_probe_agents: bool = True
+    #: The event loop: ``auto`` (uvloop where installed, else asyncio's), ``uvloop`` or ``asyncio``.
+    event_loop: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -95,6 +100,9 @@ class Settings:
                 return True
             raise SettingsError(f"{name} must be true or false (got {environ[name]!r})")
 
+        event_loop = environ.get("LAMBDALET_EVENT_LOOP") or cls.event_loop
+        if event_loop not in EVENT_LOOPS:
+            raise SettingsError(f"LAMBDALET_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)} (got {event_loop!r})")
         manifests = tuple(Path(p) for p in environ.get("LAMBDALET_MANIFESTS", "").split(os.pathsep) if p)
         state_dir = environ.get("LAMBDALET_STATE_DIR")
         return cls(
@@ -117,6 +125,7 @@ class Settings:
             fast_start=flag("LAMBDALET_FAST_START", True) and flag("LAMBDALET_AGENT_FORK_SERVER", True),
             standby_agents=integer("LAMBDALET_STANDBY_AGENTS", cls.standby_agents, 0),
             kube_probe_agents=flag("LAMBDALET_KUBE_PROBE_AGENTS", True),
+            event_loop=event_loop,
         )
 
     def with_overrides(self, **changes: object) -> Settings:

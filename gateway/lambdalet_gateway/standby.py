@@ -554,7 +554,13 @@ async def _pipe_reader(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Stre
     reader = asyncio.StreamReader(loop=loop)
 
     def protocol() -> asyncio.StreamReaderProtocol:
-        return asyncio.StreamReaderProtocol(reader)
+        return _PipeProtocol(reader)
 
     await loop.connect_read_pipe(protocol, os.fdopen(fd, "rb", 0))
     return reader
+
+
+class _PipeProtocol(asyncio.StreamReaderProtocol):
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False  # close at EOF: a pipe has no write half (uvloop keeps the transport open otherwise)

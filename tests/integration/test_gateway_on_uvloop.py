@@ -2,10 +2,8 @@
 Invoke (result, function error, log tail), InvokeWithResponseStream of a Node.js streaming function, an
 HTTP route, a crashed environment replaced, and no agent left once it stops.
 
-Agents are spawned (``fast_start=False``): under uvloop, an agent forked by the zygote leaves its stdout
-pipe's transport open after EOF (``standby._pipe_reader``: ``StreamReaderProtocol.eof_received`` asks to
-keep a half-closed transport, which asyncio's pipe transport ignores and uvloop's honours), so fast start
-is not yet uvloop-clean."""
+Agents are forked by the zygote (fast start, the default): their stdout pipes must close at EOF under
+uvloop too (``standby._PipeProtocol``), or every stopped environment would leave a descriptor behind."""
 
 from __future__ import annotations
 
@@ -40,7 +38,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway
     write_function(manifests, "crashes", {"app.py": CRASHES})
     examples = [EXAMPLES / "hello", EXAMPLES / "http-echo", EXAMPLES / "stream-node"]
     uv = event_loop_factory("uvloop")
-    with running_gateway([*examples, manifests], tmp, loop_factory=uv, fast_start=False) as gw:
+    with running_gateway([*examples, manifests], tmp, loop_factory=uv) as gw:
         assert isinstance(gw.loop, uvloop.Loop)
         yield gw
 
@@ -92,7 +90,7 @@ def test_a_crashed_environment_is_replaced(gateway: RunningGateway) -> None:
 def test_no_agent_is_left_after_stopping(tmp_path_factory: pytest.TempPathFactory) -> None:
     tmp = tmp_path_factory.mktemp("uvloop-stop")
     uv = event_loop_factory("uvloop")
-    with running_gateway([EXAMPLES / "hello"], tmp, loop_factory=uv, fast_start=False) as gw:
+    with running_gateway([EXAMPLES / "hello"], tmp, loop_factory=uv) as gw:
         assert gw.invoke("hello", {"name": "x"})[0] == 200
         agents = gw.agent_pids("hello")
         assert agents

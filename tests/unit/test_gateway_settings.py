@@ -47,8 +47,15 @@ def test_environment() -> None:
         ("LAMBDALET_CONCURRENCY_LIMIT", "0"),
         ("LAMBDALET_QUEUE_TIMEOUT_SECONDS", "-1"),
         ("LAMBDALET_CPU_LIMITS", "maybe"),
+        ("LAMBDALET_EVENT_LOOP", "trio"),
+        ("LAMBDALET_KUBE_PROBE_AGENTS", "sometimes"),
     ],
 )
 def test_errors_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({name: value})
+
+
+def test_the_event_loop_is_uvloop_where_installed_unless_opted_out() -> None:
+    assert Settings.from_env({}).event_loop == "auto"
+    assert Settings.from_env({"LAMBDALET_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
