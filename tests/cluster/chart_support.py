@@ -102,13 +102,24 @@ def uninstall(cluster: Cluster, release: Release) -> None:
     helm(cluster, "uninstall", release.name, "--namespace", release.namespace, "--wait", "--timeout", "60s")
 
 
-@pytest.fixture(scope="module")
-def release(cluster: Cluster) -> Iterator[Release]:
-    installed = install(cluster)
+def _installed(cluster: Cluster, *sets: str) -> Iterator[Release]:
+    installed = install(cluster, *sets)
     yield installed
     helm(cluster, "uninstall", installed.name, "--namespace", installed.namespace, check=False)
     cluster.delete_namespace(installed.functions)
     cluster.delete_namespace(installed.namespace)
+
+
+@pytest.fixture(scope="module")
+def release(cluster: Cluster) -> Iterator[Release]:
+    yield from _installed(cluster)
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster) -> Iterator[Release]:
+    """The chart with the gateway scaled to none: the operator alone (invocations, if any, go to a pod's
+    agent directly)."""
+    yield from _installed(cluster, "gateway.replicas=0")
 
 
 def operator_log(cluster: Cluster, release: Release) -> str:

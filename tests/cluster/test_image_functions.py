@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from chart_support import Release, helm, install, wait_ready
+from chart_support import Release, operator, wait_ready
 from cluster_support import Cluster, wait_until
+
+__all__ = ["operator"]  # the module-scoped release: the chart with the gateway scaled to none
 
 IMAGE = "lambdalet.test/python-ric:latest"
 NAME = "ric"
@@ -27,16 +29,6 @@ class Result:
     status: int
     headers: dict[str, str]
     body: Any
-
-
-@pytest.fixture(scope="module")
-def operator(cluster: Cluster) -> Iterator[Release]:
-    """The chart with the gateway scaled to none: invocations go to the pod's agent directly."""
-    installed = install(cluster, "gateway.replicas=0")
-    yield installed
-    helm(cluster, "uninstall", installed.name, "--namespace", installed.namespace, check=False)
-    cluster.delete_namespace(installed.functions)
-    cluster.delete_namespace(installed.namespace)
 
 
 def image_function() -> dict[str, Any]:

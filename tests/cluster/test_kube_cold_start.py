@@ -57,12 +57,30 @@ def client(cluster: Cluster, release: Release) -> Iterator[Any]:
         )
 
 
+def run_operator(cluster: Cluster, release: Release, run: bool) -> None:
+    """Start or stop the chart's operator. It puts back a pod template changed by hand (it repairs drift),
+    so it runs only while a Function is being created: these tests then patch its Deployment."""
+    selector = f"app.kubernetes.io/instance={release.name},app.kubernetes.io/component=operator"
+    [deployment] = cluster.get("deployment", "-n", release.namespace, "-l", selector)["items"]
+    replicas = 1 if run else 0
+    name = deployment["metadata"]["name"]
+    cluster.kubectl("scale", "deployment", "-n", release.namespace, name, f"--replicas={replicas}")
+
+    def settled() -> bool:
+        pods = cluster.get("pods", "-n", release.namespace, "-l", selector)["items"]
+        return len(pods) == replicas and all(pod_ready(pod) for pod in pods)
+
+    wait_until(settled, 90, f"the operator scaled to {replicas}")
+
+
 def deploy(cluster: Cluster, release: Release, client: Any, name: str, *patches: dict[str, Any], **spec: Any) -> None:
     """A Function at zero replicas whose Deployment carries ``patches`` (strategic merge, on its one
     container ``function``) and a readiness probe delayed by READINESS_DELAY_S, served by the gateway."""
     files = spec.pop("files", {"app.py": HELLO})
+    run_operator(cluster, release, True)
     cluster.apply([function_manifest(name, files, idleTimeoutSeconds=120, **spec)], release.functions)
     wait_ready(cluster, release.functions, name)
+    run_operator(cluster, release, False)
     container: dict[str, Any] = {"name": "function", "readinessProbe": {"initialDelaySeconds": READINESS_DELAY_S}}
     for patch in patches:
         container |= patch

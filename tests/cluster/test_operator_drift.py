@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from chart_support import Release, function_manifest, operator_log, wait_ready
+from chart_support import Release, function_manifest, operator, operator_log, wait_ready
 from cluster_support import Cluster, wait_until
-from test_operator_functions import operator
 
 __all__ = ["operator"]  # the module-scoped release: the chart with the gateway scaled to none
 

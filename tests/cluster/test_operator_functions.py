@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,8 +16,7 @@ from chart_support import (
     Release,
     example_functions,
     function_manifest,
-    helm,
-    install,
+    operator,
     operator_log,
     wait_ready,
     wait_reason,
@@ -27,15 +25,7 @@ from cluster_support import Cluster, wait_until
 
 CHILD_KINDS = ("deployment", "service", "configmap", "serviceaccount")
 
-
-@pytest.fixture(scope="module")
-def operator(cluster: Cluster) -> Iterator[Release]:
-    """The chart with the gateway scaled to none: these tests are about the operator alone."""
-    installed = install(cluster, "gateway.replicas=0")
-    yield installed
-    helm(cluster, "uninstall", installed.name, "--namespace", installed.namespace, check=False)
-    cluster.delete_namespace(installed.functions)
-    cluster.delete_namespace(installed.namespace)
+__all__ = ["operator"]  # the module-scoped release: the chart with the gateway scaled to none
 
 
 def invoke(cluster: Cluster, namespace: str, name: str, payload: str) -> Any:
