@@ -92,6 +92,12 @@ _SPEC_RULES: Final[dict[tuple[str, ...], list[Schema]]] = {
             ".provisionedConcurrency",
             "FieldValueInvalid",
         ),
+        _rule(
+            "!has(self.code.image) || !has(self.perEnvironmentConcurrency) || self.perEnvironmentConcurrency == 1",
+            "perEnvironmentConcurrency above 1 needs a runtime (code.image runs one at a time)",
+            ".perEnvironmentConcurrency",
+            "FieldValueForbidden",
+        ),
     ],
     ("code",): [
         _rule(

@@ -65,6 +65,11 @@ RESERVED_VARIABLES = frozenset(
 )
 #: Lambda limits the customer's variables to 4 KB in total.
 MAX_VARIABLES_BYTES = 4096
+#: Most invocations one environment may run at once (``perEnvironmentConcurrency``). The agent accepts up
+#: to 1024, but each slot of our Python bootstrap (and awslambdaric's) is a worker process that imports the
+#: handler inside the environment's one ``memoryMB``: past a few dozen the slots only share the same CPU and
+#: memory thinner, and a mistyped large value would exhaust the environment before its first invocation.
+MAX_PER_ENVIRONMENT_CONCURRENCY = 64
 
 # Function names become Deployment, Service and ConfigMap names: an RFC 1035 label.
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
@@ -245,6 +250,15 @@ class FunctionSpec(_Model):
     idleTimeoutSeconds: int = Field(
         default=300, ge=1, le=86400, description="Stop an idle environment after this many seconds."
     )
+    perEnvironmentConcurrency: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_PER_ENVIRONMENT_CONCURRENCY,
+        description=(
+            "Invocations one environment runs at once (Lambda Managed Instances' "
+            "PerExecutionEnvironmentMaxConcurrency); 1 is Lambda's one at a time."
+        ),
+    )
     serviceAccountName: str | None = Field(
         default=None, description="Kubernetes ServiceAccount to run as (the execution role analog)."
     )
@@ -258,6 +272,9 @@ class FunctionSpec(_Model):
                 raise ValueError("runtime is required unless code.image is set")
             if self.handler is None and not self.runtime.startswith("provided"):
                 raise ValueError("handler is required unless code.image is set")
+        if self.code.image is not None and self.perEnvironmentConcurrency > 1:
+            # An image brings its own runtime client, which the agent cannot serve concurrently.
+            raise ValueError("perEnvironmentConcurrency above 1 needs a runtime (code.image runs one at a time)")
         if self.reservedConcurrency is not None and self.provisionedConcurrency > self.reservedConcurrency:
             raise ValueError(
                 f"provisionedConcurrency ({self.provisionedConcurrency}) must not exceed "

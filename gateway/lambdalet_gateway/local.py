@@ -144,6 +144,8 @@ class LocalBackend:
         ]
         if spec.handler:
             argv += ["--handler", spec.handler]
+        if spec.perEnvironmentConcurrency > 1:
+            argv += ["--max-concurrency", str(spec.perEnvironmentConcurrency)]
         for key, value in spec.environment.variables.items():
             argv += ["--env", f"{key}={value}"]
         cgroup = await asyncio.to_thread(self._cpu.create, env_id, spec.memoryMB) if self._cpu else None

@@ -237,6 +237,9 @@ def _lambda_env(function: Function) -> list[Manifest]:
         {"name": "LAMBDALET_AGENT_PORT", "value": str(AGENT_PORT)},
         {"name": "LAMBDALET_BIND_ADDRESS", "value": "0.0.0.0"},
     ]
+    if spec.perEnvironmentConcurrency > 1:
+        # The agent runs this many invocations at once (only set above 1: other pods stay as they were).
+        env.append({"name": "AWS_LAMBDA_MAX_CONCURRENCY", "value": str(spec.perEnvironmentConcurrency)})
     return env
 
 

@@ -111,3 +111,10 @@ def test_resource_names_columns_and_status() -> None:
 
 def test_yaml_round_trips() -> None:
     assert yaml.safe_load(crd.render()) == crd.crd()
+
+
+def test_per_environment_concurrency_is_bounded_and_refused_with_an_image() -> None:
+    spec = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    field = spec["properties"]["perEnvironmentConcurrency"]
+    assert (field["minimum"], field["maximum"], field["default"]) == (1, 64, 1)
+    assert any("perEnvironmentConcurrency == 1" in rule and "code.image" in rule for rule in rules_at())

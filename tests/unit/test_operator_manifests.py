@@ -297,3 +297,14 @@ def test_configmap_code_hash_follows_the_configmap_content() -> None:
     assert manifests.code_sha256(fn, {"app.py": "1"}) != manifests.code_sha256(fn, {"app.py": "2"})
     with pytest.raises(ValueError, match="ConfigMap"):
         manifests.code_sha256(fn)
+
+
+def test_per_environment_concurrency_above_one_tells_the_agent_and_changes_the_pod_template() -> None:
+    one = deployment_of()
+    four = deployment_of(perEnvironmentConcurrency=4)
+    [container] = four["spec"]["template"]["spec"]["containers"]
+    assert env_of(container)["AWS_LAMBDA_MAX_CONCURRENCY"] == "4"
+    [plain] = one["spec"]["template"]["spec"]["containers"]
+    assert "AWS_LAMBDA_MAX_CONCURRENCY" not in env_of(plain)
+    # a changed N rolls the pods (the agent reads it at start)
+    assert one["spec"]["template"] != four["spec"]["template"]

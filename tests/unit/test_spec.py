@@ -149,3 +149,26 @@ def test_load_reports_missing_directory_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("kind: [unclosed\n")
     with pytest.raises(SpecError, match=r"fn.yaml: \(file\): not valid YAML"):
         load_manifests(bad)
+
+
+def test_per_environment_concurrency_defaults_to_one_and_is_bounded() -> None:
+    assert parse_function(manifest()).spec.perEnvironmentConcurrency == 1
+    assert parse_function(manifest(perEnvironmentConcurrency=64)).spec.perEnvironmentConcurrency == 64
+    assert messages(manifest(perEnvironmentConcurrency=0)) == [
+        "fn.yaml: spec.perEnvironmentConcurrency: Input should be greater than or equal to 1 (got 0)"
+    ]
+    assert messages(manifest(perEnvironmentConcurrency=65)) == [
+        "fn.yaml: spec.perEnvironmentConcurrency: Input should be less than or equal to 64 (got 65)"
+    ]
+    assert messages(manifest(perEnvironmentConcurrency="four")) == [
+        "fn.yaml: spec.perEnvironmentConcurrency: Input should be a valid integer, "
+        "unable to parse string as an integer (got 'four')"
+    ]
+
+
+def test_per_environment_concurrency_needs_a_runtime_not_an_image() -> None:
+    document = manifest(perEnvironmentConcurrency=4, code={"image": "example.com/fn:1"})
+    del document["spec"]["runtime"], document["spec"]["handler"]
+    assert messages(document) == [
+        "fn.yaml: spec: perEnvironmentConcurrency above 1 needs a runtime (code.image runs one at a time)"
+    ]
