@@ -4,11 +4,12 @@ The dispatcher calls :func:`decide` whenever an invocation has to wait for an en
 zero, scale out) and a background task calls it on a timer (provisioned environments, idle scale-to-zero);
 both apply the :class:`Decision` through a :class:`~lambdalet_gateway.backend.Backend`.
 
-Lambda's model: one invocation per environment, so the number of environments follows concurrency.
+Lambda's model: one invocation per environment, so the number of environments follows concurrency;
+with ``per_environment`` N (Lambda Managed Instances) an environment takes up to N invocations at once.
 - provisioned environments are started ahead and never retired for idleness;
-- an invocation that finds no idle environment gets a new one started for it, while the function's
-  environments stay under its cap (reserved concurrency, or the platform's limit);
-- an on-demand environment idle for ``idle_timeout_s`` is retired.
+- invocations that find no environment with a free slot get new ones started for them, one for every N
+  waiting (less those already starting), while the function's environments stay under its cap;
+- an on-demand environment with nothing in flight for ``idle_timeout_s`` is retired.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class EnvironmentView:
 
     id: str
     provisioned: bool
+    #: Has an invocation in flight.
     busy: bool
     #: Monotonic seconds when it last became idle (ignored while busy).
     idle_since: float
@@ -32,7 +34,7 @@ class Observations:
     environments: tuple[EnvironmentView, ...] = ()
     starting_on_demand: int = 0
     starting_provisioned: int = 0
-    #: Invocations admitted and waiting for an environment.
+    #: Invocations admitted and waiting for an environment (there is then no free slot in any).
     waiting: int = 0
 
 
@@ -40,8 +42,11 @@ class Observations:
 class ScalingSpec:
     provisioned: int
     idle_timeout_s: float
-    #: Most environments the function may have (its reserved concurrency, or the platform's limit).
+    #: Most environments the function may have (its reserved concurrency, or the platform's limit,
+    #: divided by ``per_environment`` and rounded up).
     max_environments: int
+    #: Invocations one environment takes at once.
+    per_environment: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +86,9 @@ def decide(now: float, observations: Observations, spec: ScalingSpec) -> Decisio
     room = max(0, spec.max_environments - total)
     start_provisioned = min(start_provisioned, room)
     pending = observations.starting_on_demand + observations.starting_provisioned + start_provisioned
-    start_on_demand = max(0, min(observations.waiting - pending, room - start_provisioned))
+    # every environment starting takes ``per_environment`` of the waiting invocations
+    needed = -(-observations.waiting // spec.per_environment)
+    start_on_demand = max(0, min(needed - pending, room - start_provisioned))
     return Decision(
         start_provisioned=start_provisioned,
         start_on_demand=start_on_demand,

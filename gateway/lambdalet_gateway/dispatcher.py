@@ -8,9 +8,14 @@ agent over a pooled keep-alive connection, and returns an :class:`InvocationResu
 ``Dispatcher.invoke_stream`` is the same with a function's streamed response passed on as it arrives
 (:class:`StreamedResult`); ``invoke`` buffers such a response up to Lambda's 6 MB, as Lambda's Invoke does.
 
-One invocation per environment: an environment is either idle (in its function's idle stack), busy
-(handed to exactly one invocation) or starting. The scaling decision is
-:func:`lambdalet_gateway.autoscaler.decide`, applied through a :class:`~lambdalet_gateway.backend.Backend`.
+An environment takes ``perEnvironmentConcurrency`` (N) invocations at once, one by default as in Lambda:
+it is idle (in its function's idle stack, nothing in flight), busy (handed to 1..N invocations; with room
+for more it is also in the pool's ``partial`` map, which an invocation tries first) or starting. A new
+environment starts only for invocations that find every environment of the function full; reserved
+concurrency and the platform limit count invocations, not environments. With N > 1 each invocation in
+flight on an environment has its own keep-alive connection (the agent serves one request per connection).
+The scaling decision is :func:`lambdalet_gateway.autoscaler.decide`, applied through a
+:class:`~lambdalet_gateway.backend.Backend`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass, replace
 from lambdalet.names import function_arn
 from lambdalet.spec import Function
 
-from .agent_client import AgentConnectionError, AgentResponse, AgentStream
+from .agent_client import AgentConnection, AgentConnectionError, AgentResponse, AgentStream
 from .autoscaler import Decision, EnvironmentView, Observations, ScalingSpec, decide
 from .backend import Backend, Environment, EnvironmentId, StartError
 from .errors import (
@@ -101,6 +106,7 @@ class StreamedResult:
         response: AgentResponse,
         stream: AgentStream,
         *,
+        connection: AgentConnection,
         request_id: str,
         deadline: float,
         on_end: Callable[[], None],
@@ -121,6 +127,7 @@ class StreamedResult:
         self._dispatcher = dispatcher
         self._pool = pool
         self._env = env
+        self._connection = connection
         self._deadline = deadline
         self._on_end = on_end
         self._draining = False
@@ -151,8 +158,7 @@ class StreamedResult:
                 self._stream.close()
                 self.failure = f"the execution environment failed mid-stream: {failure!r}"
                 pool.metrics.outcomes["error"] += 1
-                pool.busy.pop(env.id, None)
-                self._dispatcher._discard(env)
+                self._dispatcher._fail(pool, env)
                 return
             values = self._headers | self._stream.trailers
             error_type = values.get(STREAM_ERROR_TYPE)
@@ -163,6 +169,7 @@ class StreamedResult:
             self.duration_ms, self.billed_duration_ms, self.init_duration_ms = _account(
                 pool, values, self.function_error
             )
+            self._dispatcher._put_back(env, self._connection)
             self._dispatcher._release(pool, env)
         finally:
             self._on_end()
@@ -189,6 +196,11 @@ class _Pool:
         self.idle_on_demand: list[Environment] = []
         self.idle_since: dict[EnvironmentId, float] = {}
         self.busy: dict[EnvironmentId, Environment] = {}
+        #: Invocations one environment takes at once (``perEnvironmentConcurrency``).
+        self.capacity = function.spec.perEnvironmentConcurrency
+        #: In-flight invocations of each busy environment, and the busy ones with room for more (N > 1 only).
+        self.load: dict[EnvironmentId, int] = {}
+        self.partial: dict[EnvironmentId, Environment] = {}
         self.starting_on_demand = 0
         self.starting_provisioned = 0
         self.waiters: deque[asyncio.Future[Environment]] = deque()
@@ -219,6 +231,8 @@ class Dispatcher:
         self._unreserved_limit = settings.concurrency_limit
         self._tasks: set[asyncio.Task[None]] = set()
         self._drains: set[asyncio.Task[None]] = set()
+        #: Free connections of each environment that takes several invocations at once.
+        self._shared: dict[EnvironmentId, list[AgentConnection]] = {}
         self._loop = asyncio.get_running_loop()
         self._closed = False
         metrics.watch(self.snapshots)
@@ -259,6 +273,8 @@ class Dispatcher:
                 pool.revision = revisions.get(name, "")
                 pool.generation += 1
                 pool.timeout = function.spec.timeoutSeconds + 30.0
+                pool.capacity = function.spec.perEnvironmentConcurrency
+                pool.partial.clear()  # environments of the old spec take no new invocations
                 self._retire_idle(pool)
         reserved = sum(p.reserved or 0 for p in self._pools.values())
         self._unreserved_limit = max(0, self._settings.concurrency_limit - reserved)
@@ -274,6 +290,7 @@ class Dispatcher:
 
     def _remove(self, pool: _Pool) -> None:
         pool.removed = True
+        pool.partial.clear()
         while pool.waiters:
             waiter = pool.waiters.popleft()
             if not waiter.done():
@@ -363,10 +380,11 @@ class Dispatcher:
                 if env is None:
                     env = await self._wait(pool, request_id)
                 deadline = self._loop.time() + pool.timeout
+                connection = self._connection(env)
                 try:
                     response = await self._send(
                         pool,
-                        env,
+                        connection,
                         payload,
                         deadline,
                         request_id=request_id,
@@ -377,8 +395,7 @@ class Dispatcher:
                     )
                 except NotDelivered:
                     # Provably never reached the agent: the environment is gone; another one gets it.
-                    pool.busy.pop(env.id, None)
-                    self._discard(env)
+                    self._fail(pool, env)
                     attempts += 1
                     if attempts >= _DELIVERY_ATTEMPTS:
                         raise
@@ -390,8 +407,7 @@ class Dispatcher:
                     )
                     continue
                 except BaseException:
-                    pool.busy.pop(env.id, None)
-                    self._discard(env)
+                    self._fail(pool, env)
                     raise
                 if response.stream is not None:
                     streaming = True
@@ -401,11 +417,13 @@ class Dispatcher:
                         env,
                         response,
                         response.stream,
+                        connection=connection,
                         request_id=request_id,
                         deadline=deadline,
                         on_end=leave,
                     )
                 result = _result(pool, response, request_id)
+                self._put_back(env, connection)
                 self._release(pool, env)
                 return result
         except StartError as exc:
@@ -425,6 +443,14 @@ class Dispatcher:
                 leave()
 
     def _take_idle(self, pool: _Pool) -> Environment | None:
+        if pool.partial:
+            # a busy environment with a free slot first: a new one is used only when all are full
+            env = next(iter(pool.partial.values()))
+            load = pool.load[env.id] + 1
+            pool.load[env.id] = load
+            if load >= pool.capacity:
+                del pool.partial[env.id]
+            return env
         if pool.idle_provisioned:
             env = pool.idle_provisioned.pop()
         elif pool.idle_on_demand:
@@ -432,6 +458,9 @@ class Dispatcher:
         else:
             return None
         pool.busy[env.id] = env
+        if pool.capacity > 1:
+            pool.load[env.id] = 1
+            pool.partial[env.id] = env
         return env
 
     async def _wait(self, pool: _Pool, request_id: str) -> Environment:
@@ -459,7 +488,7 @@ class Dispatcher:
     async def _send(
         self,
         pool: _Pool,
-        env: Environment,
+        connection: AgentConnection,
         payload: bytes,
         deadline: float,
         *,
@@ -482,7 +511,7 @@ class Dispatcher:
         if trace_id:
             headers["X-Amzn-Trace-Id"] = trace_id
         try:
-            response = await env.connect().post(_INVOKE_PATH, headers, payload, deadline=deadline)
+            response = await connection.post(_INVOKE_PATH, headers, payload, deadline=deadline)
         except (OSError, AgentConnectionError, TimeoutError) as exc:
             if not isinstance(exc, AgentConnectionError | TimeoutError):
                 # The client raises a plain OSError only when connecting failed: nothing was sent.
@@ -496,15 +525,58 @@ class Dispatcher:
 
     # ---- environments ----------------------------------------------------------------------------
 
+    def _connection(self, env: Environment) -> AgentConnection:
+        """The connection for one invocation: the environment's own, or with N > 1 a free one of its."""
+        free = self._shared.get(env.id)
+        if free is None:
+            return env.connect()
+        if free:
+            return free.pop()
+        base = env.connect()
+        return AgentConnection(base.host, base.port)
+
+    def _put_back(self, env: Environment, connection: AgentConnection) -> None:
+        """An invocation is done with its connection: keep it for the environment's next one (N > 1)."""
+        free = self._shared.get(env.id)
+        if free is not None:
+            free.append(connection)
+        elif connection is not env.connection:
+            connection.close()
+
     def _release(self, pool: _Pool, env: Environment) -> None:
+        load = pool.load.get(env.id)
+        if load is not None:
+            if load > 1:
+                # others are still in flight on it: free one slot
+                pool.load[env.id] = load - 1
+                if pool.removed or env.generation != pool.generation or self._closed:
+                    pool.partial.pop(env.id, None)
+                    return
+                self._give(pool, env)
+                return
+            del pool.load[env.id]
+            pool.partial.pop(env.id, None)
+        elif env.id not in pool.busy:
+            return  # discarded when another invocation on it failed
         pool.busy.pop(env.id, None)
         if pool.removed or env.generation != pool.generation or self._closed:
             self._discard(env)
             return
         self._give(pool, env)
 
+    def _fail(self, pool: _Pool, env: Environment) -> None:
+        """An invocation failed in a way that condemns its environment: stop it (once)."""
+        if pool.busy.pop(env.id, None) is None:
+            return  # already discarded when another invocation on it failed
+        pool.load.pop(env.id, None)
+        pool.partial.pop(env.id, None)
+        self._discard(env)
+
     def _give(self, pool: _Pool, env: Environment) -> None:
         """Hand a free environment to the oldest waiter, or put it on the idle stack."""
+        if pool.capacity > 1:
+            self._give_slots(pool, env)
+            return
         while pool.waiters:
             waiter = pool.waiters.popleft()
             if not waiter.done():
@@ -514,9 +586,33 @@ class Dispatcher:
         pool.idle_since[env.id] = self._loop.time()
         (pool.idle_provisioned if env.provisioned else pool.idle_on_demand).append(env)
 
+    def _give_slots(self, pool: _Pool, env: Environment) -> None:
+        """``_give`` for N > 1: the environment's free slots go to the oldest waiters; idle if none."""
+        load = pool.load.get(env.id, 0)
+        while load < pool.capacity and pool.waiters:
+            waiter = pool.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(env)
+                load += 1
+        if load == 0:
+            pool.busy.pop(env.id, None)
+            pool.load.pop(env.id, None)
+            pool.partial.pop(env.id, None)
+            pool.idle_since[env.id] = self._loop.time()
+            (pool.idle_provisioned if env.provisioned else pool.idle_on_demand).append(env)
+            return
+        pool.busy[env.id] = env
+        pool.load[env.id] = load
+        if load < pool.capacity:
+            pool.partial[env.id] = env
+        else:
+            pool.partial.pop(env.id, None)
+
     def _discard(self, env: Environment) -> None:
         if env.connection is not None:
             env.connection.close()
+        for connection in self._shared.get(env.id, ()):
+            connection.close()
         pool = self._pools.get(env.function)
         if pool is not None:
             pool.idle_since.pop(env.id, None)
@@ -527,6 +623,8 @@ class Dispatcher:
             await self._backend.stop(env)
         except Exception:
             log.exception("stopping environment %s of %s failed", env.id, env.function, extra=_fields(env))
+        for connection in self._shared.pop(env.id, ()):
+            connection.close()
         pool = self._pools.get(env.function)
         if pool is not None and not self._closed:
             self._scale(pool)
@@ -569,10 +667,13 @@ class Dispatcher:
     def _scaling_spec(self, pool: _Pool) -> ScalingSpec:
         spec = pool.function.spec
         cap = spec.reservedConcurrency if spec.reservedConcurrency is not None else self._unreserved_limit
+        per_environment = spec.perEnvironmentConcurrency
         return ScalingSpec(
             provisioned=spec.provisionedConcurrency,
             idle_timeout_s=float(spec.idleTimeoutSeconds),
-            max_environments=cap,
+            # the cap counts invocations; N of them share an environment (provisioned ones are kept)
+            max_environments=max(-(-cap // per_environment), min(spec.provisionedConcurrency, cap)),
+            per_environment=per_environment,
         )
 
     def _scale(self, pool: _Pool) -> Decision:
@@ -614,7 +715,7 @@ class Dispatcher:
                 )
             self._started(pool, provisioned)
             # Waiters that no other starting environment will serve get the reason now.
-            pending = pool.starting_on_demand + pool.starting_provisioned
+            pending = (pool.starting_on_demand + pool.starting_provisioned) * pool.capacity
             excess = sum(1 for w in pool.waiters if not w.done()) - pending
             while excess > 0 and pool.waiters:
                 waiter = pool.waiters.popleft()
@@ -627,6 +728,8 @@ class Dispatcher:
         if pool.removed or generation != pool.generation or self._closed or self._pools.get(function.name) is not pool:
             self._discard(env)
             return
+        if pool.capacity > 1:
+            self._shared[env.id] = [env.connect()]
         self._give(pool, env)
 
     def _started(self, pool: _Pool, provisioned: bool) -> None:

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -27,6 +31,7 @@ T = TypeVar("T")
 #: (status, headers, body)
 Reply = tuple[int, dict[str, str], bytes]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+LAMBDALET = str(Path(sys.executable).parent / "lambdalet")
 
 
 def write_function(directory: Path, name: str, files: Mapping[str, str], **spec: Any) -> Path:
@@ -158,6 +163,44 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def ready(url: str) -> bool:
+    """The gateway at ``url`` answers ``/readyz`` with 200."""
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@contextmanager
+def lambdalet_up(directory: Path) -> Iterator[str]:
+    """``lambdalet up DIRECTORY`` as a user runs it; its endpoint once ready. Stopped with SIGINT, it must
+    exit 0 and leave no process behind."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [LAMBDALET, "up", str(directory), "--port", str(port), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: ready(url), timeout=60, what="lambdalet up")
+        yield url
+    finally:
+        tree = process_tree({proc.pid})
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 0, output
+        assert not process_tree(tree), "processes left after lambdalet up stopped"
 
 
 @contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,44 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gateway_support import EXAMPLES, process_tree, wait_for
-
-LAMBDALET = str(Path(sys.executable).parent / "lambdalet")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from gateway_support import EXAMPLES, LAMBDALET, free_port, lambdalet_up, ready, wait_for
 
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [LAMBDALET, "up", str(EXAMPLES), "--port", str(port), "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    try:
-        wait_for(ready, timeout=60, what="lambdalet up")
+    with lambdalet_up(EXAMPLES) as url:
         yield url
-    finally:
-        tree = process_tree({proc.pid})
-        proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=30)[0].decode()
-        assert proc.returncode == 0, output
-        assert not process_tree(tree), "processes left after lambdalet up stopped"
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -134,15 +102,7 @@ def test_gateway_module_entrypoint(tmp_path: Path) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
-                    return bool(response.status == 200)
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=60, what="python -m lambdalet_gateway")
+        wait_for(lambda: ready(url), timeout=60, what="python -m lambdalet_gateway")
         request = urllib.request.Request(url + "/2015-03-31/functions/hello/invocations", data=b'{"name":"m"}')
         with urllib.request.urlopen(request, timeout=60) as response:
             assert json.loads(response.read()) == {"message": "Hello, m!"}

@@ -84,3 +84,31 @@ def test_retired_environments_free_room_for_new_ones() -> None:
     spec = ScalingSpec(provisioned=0, idle_timeout_s=1.0, max_environments=1)
     decision = decide(5.0, Observations(environments=(idle("a", 0.0),), waiting=0), spec)
     assert decision.retire == ("a",)
+
+
+FOUR = ScalingSpec(provisioned=0, idle_timeout_s=300.0, max_environments=10, per_environment=4)
+
+
+def test_with_four_slots_an_environment_is_started_for_every_four_waiting() -> None:
+    assert decide(0.0, Observations(waiting=1), FOUR).start_on_demand == 1
+    assert decide(0.0, Observations(waiting=4), FOUR).start_on_demand == 1
+    assert decide(0.0, Observations(waiting=5), FOUR).start_on_demand == 2
+    assert decide(0.0, Observations(waiting=9), FOUR).start_on_demand == 3
+
+
+def test_with_four_slots_a_starting_environment_covers_four_waiting() -> None:
+    assert decide(0.0, Observations(waiting=4, starting_on_demand=1), FOUR).start_on_demand == 0
+    assert decide(0.0, Observations(waiting=5, starting_on_demand=1), FOUR).start_on_demand == 1
+    assert decide(0.0, Observations(waiting=3, starting_provisioned=1), FOUR).start_on_demand == 0
+
+
+def test_with_four_slots_full_environments_scale_out_to_the_cap() -> None:
+    spec = ScalingSpec(provisioned=0, idle_timeout_s=300.0, max_environments=2, per_environment=4)
+    full = (busy("e0"),)
+    assert decide(0.0, Observations(environments=full, waiting=8), spec).start_on_demand == 1
+
+
+def test_with_four_slots_only_environments_with_nothing_in_flight_retire() -> None:
+    envs = (busy("partly-used"), idle("unused", 0.0))
+    decision = decide(300.0, Observations(environments=envs), FOUR)
+    assert decision.retire == ("unused",)

@@ -174,15 +174,22 @@ async def test_one_invocation_per_environment(agent: FakeAgent, backend: FakeBac
         await session.close()
 
 
-async def test_reserved_concurrency_caps_and_throttles(agent: FakeAgent, backend: FakeBackend) -> None:
-    dispatcher, session = await make(backend, function(reservedConcurrency=2))
+# reserved concurrency counts invocations, not environments (four of them share one with N = 4)
+@pytest.mark.parametrize(("reserved", "per_environment", "environments"), [(2, 1, 2), (4, 4, 1)])
+async def test_reserved_concurrency_caps_and_throttles(
+    agent: FakeAgent, backend: FakeBackend, reserved: int, per_environment: int, environments: int
+) -> None:
+    dispatcher, session = await make(
+        backend, function(reservedConcurrency=reserved, perEnvironmentConcurrency=per_environment)
+    )
     try:
-        held = [asyncio.create_task(dispatcher.invoke("fn", b"{}", request_id=f"r{i}")) for i in range(2)]
-        await until(lambda: agent.calls == 2)
+        held = [asyncio.create_task(dispatcher.invoke("fn", b"{}", request_id=f"r{i}")) for i in range(reserved)]
+        await until(lambda: agent.calls == reserved)
         with pytest.raises(Throttled) as caught:
             await dispatcher.invoke("fn", b"{}", request_id="r3")
         assert caught.value.reason == RESERVED_LIMIT
         assert caught.value.request_id == "r3"
+        assert len(backend.started) == environments
         agent.release.set()
         await asyncio.gather(*held)
         await dispatcher.invoke("fn", b"{}", request_id="r4")
@@ -475,3 +482,69 @@ async def test_an_environment_that_dies_mid_stream_is_a_failure_and_is_replaced(
             await dispatcher.invoke("fn", b"{}", request_id="r2")
     finally:
         await dispatcher.close()
+
+
+async def test_an_environment_takes_per_environment_concurrency_invocations_before_another_starts(
+    agent: FakeAgent, backend: FakeBackend
+) -> None:
+    dispatcher, session = await make(backend, function(perEnvironmentConcurrency=4))
+    try:
+        first = [asyncio.create_task(dispatcher.invoke("fn", b"{}", request_id=f"r{i}")) for i in range(4)]
+        await until(lambda: agent.calls == 4)
+        assert [env.id for env in backend.started] == ["fn-0"]
+        assert agent.max_running == {"fn-0": 4}
+        [snapshot] = dispatcher.snapshots()
+        assert (snapshot.busy, snapshot.idle, snapshot.in_flight) == (1, 0, 4)
+        fifth = asyncio.create_task(dispatcher.invoke("fn", b"{}", request_id="r4"))
+        await until(lambda: agent.calls == 5)
+        assert [env.id for env in backend.started] == ["fn-0", "fn-1"]
+        agent.release.set()
+        results = await asyncio.gather(*first, fifth)
+        assert [json.loads(r.payload)["env"] for r in results] == ["fn-0"] * 4 + ["fn-1"]
+        [snapshot] = dispatcher.snapshots()
+        assert (snapshot.busy, snapshot.idle, snapshot.in_flight) == (0, 2, 0)
+    finally:
+        await dispatcher.close()
+        await session.close()
+
+
+async def test_waiting_invocations_start_one_environment_for_every_n(agent: FakeAgent, backend: FakeBackend) -> None:
+    backend.gate.clear()
+    dispatcher, session = await make(backend, function(perEnvironmentConcurrency=3))
+    try:
+        calls = [asyncio.create_task(dispatcher.invoke("fn", b"{}", request_id=f"r{i}")) for i in range(7)]
+        await until(lambda: dispatcher.snapshots()[0].waiting == 7)
+        assert dispatcher.snapshots()[0].starting == 3
+        backend.gate.set()
+        await until(lambda: agent.calls == 7)
+        assert sorted(agent.max_running.values()) == [1, 3, 3]
+        agent.release.set()
+        await asyncio.gather(*calls)
+        assert len(backend.started) == 3
+    finally:
+        await dispatcher.close()
+        await session.close()
+
+
+async def test_a_freed_slot_goes_to_a_waiter_and_the_environment_idles_only_when_empty(
+    agent: FakeAgent, backend: FakeBackend
+) -> None:
+    dispatcher, session = await make(backend, function(reservedConcurrency=3, perEnvironmentConcurrency=2))
+    try:
+        # cap 3 invocations at 2 per environment: at most 2 environments
+        calls = [asyncio.create_task(dispatcher.invoke("fn", b"{}", request_id=f"r{i}")) for i in range(3)]
+        await until(lambda: agent.calls == 3)
+        assert len(backend.started) == 2
+        agent.release.set()
+        await asyncio.gather(*calls)
+        agent.release.clear()
+        one = asyncio.create_task(dispatcher.invoke("fn", b"{}", request_id="again"))
+        await until(lambda: agent.calls == 4)
+        [snapshot] = dispatcher.snapshots()
+        assert (snapshot.busy, snapshot.idle, snapshot.in_flight) == (1, 1, 1)
+        agent.release.set()
+        await one
+        assert len(backend.started) == 2 and backend.stopped == []
+    finally:
+        await dispatcher.close()
+        await session.close()
