@@ -484,7 +484,23 @@ def supervise(workers: int) -> int:
     return code
 
 
+def wait_for_memory_limit() -> None:
+    """The agent puts this process under the function's memory limit while the interpreter starts, then
+    closes the pipe whose read end it passed in ``_LAMBDALET_MEMORY_GATE_FD``: the function's code (and any
+    worker process) starts only after that. Without the variable (another platform) there is nothing to wait for."""
+    fd = os.environ.pop("_LAMBDALET_MEMORY_GATE_FD", "")
+    if not fd.isdigit():
+        return
+    try:
+        while os.read(int(fd), 64):
+            pass
+        os.close(int(fd))
+    except OSError:
+        pass
+
+
 def main() -> int:
+    wait_for_memory_limit()
     workers = worker_count(os.environ)
     # Unbuffered output: the agent frames the function's lines per invocation as they arrive. Several
     # workers share the pipe: each line is then written with one write() so lines never interleave.

@@ -47,6 +47,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -68,6 +69,9 @@ JSON = "application/json"
 RESPONSE_LIMIT = 6 * 1024 * 1024 + 100  # 6,291,556 bytes, the Runtime API's limit
 STREAM_BUFFER = 1024 * 1024  # streamed bytes held for a slow caller before the runtime's reads pause
 REQUEST_LIMIT = 6 * 1024 * 1024  # 6,291,456 bytes, the Invoke API's limit
+# The runtime's end of a pipe the agent closes once the runtime is under its memory limit (our Python
+# bootstrap waits for that before it imports the function's code; the variable is removed from its env).
+MEMORY_GATE_VAR = "_LAMBDALET_MEMORY_GATE_FD"
 
 
 class RuntimeGone(Exception):
@@ -241,6 +245,10 @@ class Environment:
         self._flush_scheduled = False
         self._closing = False
         self._respawn_task: asyncio.Task[None] | None = None
+        # The runtime is put under its memory limit on this thread while its interpreter starts: a cgroup v1
+        # attach takes ~15 ms (the kernel waits for an RCU grace period). One thread keeps attaches in order.
+        self._attach_thread: ThreadPoolExecutor | None = None
+        self._attached: asyncio.Future[None] | None = None  # the current runtime's attach
 
     # ----------------------------------------------------------------------------------- lifecycle
 
@@ -298,22 +306,38 @@ class Environment:
             error_type = "Runtime.InvalidEntrypoint"
             self._fail_init(InitFailure("entrypoint", error_type=error_type, message=str(exc)))
             return
+        env = self.runtime_environment()
+        gate, gate_open = os.pipe()
+        env[MEMORY_GATE_VAR] = str(gate)
         try:
             self.process = await RuntimeProcess.spawn(
                 argv,
-                env=self.runtime_environment(),
+                env=env,
                 cwd=self.settings.code_dir,
                 sink=self._emit,
                 on_exit=lambda code: self._on_exit(generation, code),
+                pass_fds=(gate,),
             )
         except OSError as exc:
+            os.close(gate_open)
             self.process = None
             self._fail_init(InitFailure("entrypoint", error_type="Runtime.InvalidEntrypoint", message=str(exc)))
             return
+        finally:
+            os.close(gate)
         self._processes.add(self.process)
-        self.limiter.attach(self.process.pid)
         loop = asyncio.get_running_loop()
+        if self._attach_thread is None:
+            self._attach_thread = ThreadPoolExecutor(1, thread_name_prefix="memory-limit")
+        self._attached = loop.run_in_executor(self._attach_thread, self._attach, self.process.pid, gate_open)
         self._init_timer = loop.call_later(self.settings.init_timeout_s, self._on_init_timeout, generation)
+
+    def _attach(self, pid: int, gate_open: int) -> None:
+        """(On the attach thread.) Put the runtime under the memory limit, then open its gate."""
+        try:
+            self.limiter.attach(pid)
+        finally:
+            os.close(gate_open)
 
     def _release_waiter(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -336,6 +360,11 @@ class Environment:
             await process.wait(2.0)
             process.close()
         self._processes.clear()
+        if self._attached is not None:
+            with contextlib.suppress(Exception):
+                await self._attached
+        if self._attach_thread is not None:
+            self._attach_thread.shutdown(wait=False)
         self.limiter.close()
         for inv in self._unfinished():
             failure = error_json("Sandbox.Failure", "The execution environment is shutting down.")
@@ -694,6 +723,12 @@ class Environment:
             if self._init_timer is not None:
                 self._init_timer.cancel()
                 self._init_timer = None
+            if self._attached is not None and not self._attached.done():
+                # No invocation is handed out before the runtime is under its memory limit.
+                generation = self._generation
+                await asyncio.shield(self._attached)
+                if generation != self._generation or self._closing:
+                    raise RuntimeGone()
             if ends is not None and self.process is None:
                 # Before the first event is handed out, so that a runtime dying at once is still watched.
                 # readyz says ready (the phase is Ready); nothing is delivered until the waiter exists.

@@ -72,6 +72,7 @@ class RuntimeProcess:
         cwd: str,
         sink: LineSink,
         on_exit: Callable[[int | None], None],
+        pass_fds: Sequence[int] = (),
     ) -> RuntimeProcess:
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[int | None] = loop.create_future()
@@ -90,6 +91,7 @@ class RuntimeProcess:
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
         return cls(transport, exited)
 
