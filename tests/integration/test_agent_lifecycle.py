@@ -231,3 +231,44 @@ async def test_max_memory_used_follows_allocation() -> None:
     assert large_mb >= small_mb + 180
     assert again_mb < large_mb - 150  # measured per invocation
     assert f"Max Memory Used: {large_mb} MB" in logs
+
+
+class _SlowAttach(RlimitLimiter):
+    """Puts the runtime under its limit half a second after its spawn (a slow cgroup write, a loaded machine)."""
+
+    def attach(self, pid: int) -> None:
+        time.sleep(0.5)
+        super().attach(pid)
+
+
+LIMITS_SOURCE = """import os, resource
+def limits():
+    return [resource.getrlimit(resource.RLIMIT_DATA)[0], sorted(k for k in os.environ if "LAMBDALET" in k)]
+AT_IMPORT = limits()
+def handler(event, context):
+    return {"import": AT_IMPORT, "invocation": limits()}
+"""
+
+
+async def test_the_function_is_imported_under_its_memory_limit_even_when_attaching_is_slow(tmp_path: Path) -> None:
+    """The runtime's interpreter starts while the agent attaches it; the function's code waits for the limit."""
+    limit = 128 * 1024 * 1024
+    async with running_agent(
+        "fn.handler", code=_code(tmp_path, LIMITS_SOURCE), memory=128, limiter=_SlowAttach(128)
+    ) as agent:
+        result = await agent.invoke({})
+    assert result.json() == {"import": [limit, []], "invocation": [limit, []]}
+
+
+async def test_a_runtime_that_does_not_wait_gets_no_invocation_before_its_memory_limit(tmp_path: Path) -> None:
+    """A bootstrap other than ours (it ignores the agent's pipe) may start its function's code early, but no
+    invocation is handed to it before the runtime is under the limit."""
+    bootstrap = tmp_path / "bootstrap"
+    bootstrap.write_text(f"#!/bin/sh\nunset _LAMBDALET_MEMORY_GATE_FD\nexec {sys.executable} {BOOTSTRAP}\n")
+    bootstrap.chmod(bootstrap.stat().st_mode | stat.S_IXUSR)
+    _code(tmp_path, LIMITS_SOURCE)
+    async with running_agent(
+        "fn.handler", code=tmp_path, runtime="provided.al2023", memory=128, limiter=_SlowAttach(128)
+    ) as agent:
+        result = await agent.invoke({})
+    assert result.json()["invocation"] == [128 * 1024 * 1024, []]
