@@ -169,7 +169,8 @@ class StreamedResult:
             self.duration_ms, self.billed_duration_ms, self.init_duration_ms = _account(
                 pool, values, self.function_error
             )
-            self._dispatcher._put_back(env, self._connection)
+            if self._connection is not env.connection:
+                self._dispatcher._put_back(env, self._connection)
             self._dispatcher._release(pool, env)
         finally:
             self._on_end()
@@ -380,7 +381,7 @@ class Dispatcher:
                 if env is None:
                     env = await self._wait(pool, request_id)
                 deadline = self._loop.time() + pool.timeout
-                connection = self._connection(env)
+                connection = self._connection(env) if self._shared else env.connect()
                 try:
                     response = await self._send(
                         pool,
@@ -423,7 +424,8 @@ class Dispatcher:
                         on_end=leave,
                     )
                 result = _result(pool, response, request_id)
-                self._put_back(env, connection)
+                if connection is not env.connection:
+                    self._put_back(env, connection)
                 self._release(pool, env)
                 return result
         except StartError as exc:
@@ -532,19 +534,19 @@ class Dispatcher:
             return env.connect()
         if free:
             return free.pop()
-        base = env.connect()
+        base = env.connect()  # never used for requests: it only parses the URL
         return AgentConnection(base.host, base.port)
 
     def _put_back(self, env: Environment, connection: AgentConnection) -> None:
-        """An invocation is done with its connection: keep it for the environment's next one (N > 1)."""
+        """An invocation is done with one of an N > 1 environment's connections: keep it for the next."""
         free = self._shared.get(env.id)
         if free is not None:
             free.append(connection)
-        elif connection is not env.connection:
-            connection.close()
+        else:
+            connection.close()  # the environment is gone
 
     def _release(self, pool: _Pool, env: Environment) -> None:
-        load = pool.load.get(env.id)
+        load = pool.load.get(env.id) if pool.load else None
         if load is not None:
             if load > 1:
                 # others are still in flight on it: free one slot
@@ -729,7 +731,7 @@ class Dispatcher:
             self._discard(env)
             return
         if pool.capacity > 1:
-            self._shared[env.id] = [env.connect()]
+            self._shared[env.id] = []
         self._give(pool, env)
 
     def _started(self, pool: _Pool, provisioned: bool) -> None:
