@@ -55,6 +55,8 @@ class FakeAgent:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     running: dict[str, int] = field(default_factory=dict)
     max_running: dict[str, int] = field(default_factory=dict)
+    #: The connections each environment was sent invocations on.
+    connections: dict[str, set[int]] = field(default_factory=dict)
     calls: int = 0
 
     async def serve(self, env: str) -> web.AppRunner:
@@ -71,6 +73,9 @@ class FakeAgent:
         return runner
 
     async def handle(self, env: str, request: web.Request) -> web.Response:
+        self.connections.setdefault(env, set()).add(id(request.transport))
+        if request.headers["X-Lambdalet-Request-Id"].startswith("broken"):
+            return web.Response(status=500, text="the agent broke")
         self.calls += 1
         self.running[env] = self.running.get(env, 0) + 1
         self.max_running[env] = max(self.max_running.get(env, 0), self.running[env])
@@ -545,6 +550,42 @@ async def test_a_freed_slot_goes_to_a_waiter_and_the_environment_idles_only_when
         agent.release.set()
         await one
         assert len(backend.started) == 2 and backend.stopped == []
+    finally:
+        await dispatcher.close()
+        await session.close()
+
+
+async def test_an_environment_with_n_slots_keeps_n_connections(agent: FakeAgent, backend: FakeBackend) -> None:
+    agent.release.set()
+    dispatcher, session = await make(backend, function(perEnvironmentConcurrency=2))
+    try:
+        for round_ in range(3):
+            await asyncio.gather(*(dispatcher.invoke("fn", b"{}", request_id=f"r{round_}{i}") for i in range(2)))
+        await dispatcher.invoke("fn", b"{}", request_id="alone")
+        assert len(backend.started) == 1
+        assert len(agent.connections["fn-0"]) == 2
+    finally:
+        await dispatcher.close()
+        await session.close()
+
+
+async def test_an_environment_failing_under_one_invocation_is_stopped_once(
+    agent: FakeAgent, backend: FakeBackend
+) -> None:
+    dispatcher, session = await make(backend, function(perEnvironmentConcurrency=2))
+    try:
+        held = asyncio.create_task(dispatcher.invoke("fn", b"{}", request_id="held"))
+        await until(lambda: agent.calls == 1)
+        with pytest.raises(ServiceError, match="answered 500"):
+            await dispatcher.invoke("fn", b"{}", request_id="broken")
+        await until(lambda: len(backend.stopped) == 1)
+        agent.release.set()
+        assert json.loads((await held).payload)["env"] == "fn-0"
+        after = await dispatcher.invoke("fn", b"{}", request_id="after")
+        assert json.loads(after.payload)["env"] == "fn-1"
+        assert [env.id for env in backend.stopped] == ["fn-0"]
+        [snapshot] = dispatcher.snapshots()
+        assert (snapshot.busy, snapshot.idle, snapshot.in_flight) == (0, 1, 0)
     finally:
         await dispatcher.close()
         await session.close()
