@@ -18,7 +18,7 @@ the reason each better one was not usable):
   main process's ``VmHWM``; on older kernels (no writable ``memory.peak``) only ``VmHWM`` is per
   invocation, and an ``oom_kill`` counted in ``memory.events`` reports the limit. Pages the runtime
   touched between its spawn and :meth:`attach` stay charged to the agent's cgroup (v2 does not move
-  charges), so the limit is loose by that much (the runtime is attached right after ``exec``).
+  charges), so the limit is loose by that much (the runtime's interpreter start, at most: see below).
 - :class:`CgroupV1Limiter`: a child memory cgroup under the agent's own one
   (``/sys/fs/cgroup/memory/<agent's cgroup>/lambdalet-<pid>``) with ``memory.limit_in_bytes`` (and
   ``memory.memsw.limit_in_bytes`` when swap accounting exists) set to ``memoryMB``. Every runtime process
@@ -32,6 +32,10 @@ the reason each better one was not usable):
   private anonymous mappings, so allocations fail with MemoryError/ENOMEM instead of a kill; thread stacks
   count against it). Max Memory Used is ``VmHWM`` (the kernel's peak RSS) of the runtime's main process,
   reset per invocation through ``/proc/<pid>/clear_refs``.
+
+The runtime is attached on a thread of the environment while its interpreter starts (a cgroup v1 write to
+``cgroup.procs`` takes ~15 ms); our Python bootstrap imports the function's code only after the attach
+(``lambdalet_agent.environment.MEMORY_GATE_VAR``), and no invocation is handed out before it.
 
 The cgroup file system is reached only through the paths given to the constructors (``create_limiter``
 takes ``/proc/self`` and the v1 root as parameters), so the decisions can be tested on a fake tree.
