@@ -81,6 +81,10 @@ class LocalBackend:
         self._state_dir.mkdir(parents=True, exist_ok=True)
         self._ids = itertools.count(1)
         self._environments: dict[EnvironmentId, Environment] = {}
+        #: Every agent process from its spawn (or fork) until it is ended: also the starts in progress, which
+        #: close() ends too, so a start that finishes after close() leaves no process behind.
+        self._processes: set[_Process] = set()
+        self._closed = False
         self._session: aiohttp.ClientSession | None = None
         env = {k: v for k, v in os.environ.items() if k not in _AGENT_SETTINGS_ENV}
         env["LAMBDALET_BIND_ADDRESS"] = "127.0.0.1"
@@ -112,6 +116,8 @@ class LocalBackend:
             return await self._start(function, provisioned=provisioned)
 
     async def _start(self, function: Function, *, provisioned: bool) -> Environment:
+        if self._closed:
+            raise StartError("the gateway is shutting down")
         code_dir = await asyncio.to_thread(self._code_dir, function)
         env_id = EnvironmentId(f"{function.name}-{next(self._ids)}")
         port_file = self._state_dir / "ports" / f"{env_id}.port"
@@ -156,6 +162,7 @@ class LocalBackend:
                 forked = False
                 proc = await self._spawn(argv, code_dir, cgroup)
             handle = _Process(proc, cgroup=cgroup)
+            self._processes.add(handle)
             environment = Environment(id=env_id, function=function.name, url="", provisioned=provisioned, handle=handle)
             handle.readers = [
                 asyncio.create_task(self._pump_stdout(environment, proc)),
@@ -319,6 +326,7 @@ class LocalBackend:
             )
             _kill_groups(handle.groups)
             self._environments.pop(environment.id, None)
+            self._processes.discard(handle)
             self._on_lost(environment)
 
     async def stop(self, environment: Environment) -> None:
@@ -348,10 +356,14 @@ class LocalBackend:
         for reader in handle.readers:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+        self._processes.discard(handle)
 
     async def close(self) -> None:
+        self._closed = True
         environments = list(self._environments.values())
         await asyncio.gather(*(self.stop(env) for env in environments), return_exceptions=True)
+        # starts still in progress: their agents are ended here (the start then fails)
+        await asyncio.gather(*(self._terminate(h) for h in list(self._processes)), return_exceptions=True)
         if self._zygote is not None:
             await self._zygote.close()
         if self._session is not None:

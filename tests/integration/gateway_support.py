@@ -94,19 +94,24 @@ class RunningGateway:
 
     def agent_pids(self, function: str | None = None) -> set[int]:
         """Agent processes of this gateway (their command line names its state directory)."""
-        found = set()
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            text = [a.decode(errors="replace") for a in argv]
-            ours = any(str(self.state_dir) in a for a in text) and "lambdalet_agent" in text
-            if ours and (function is None or function in text):
-                found.add(int(proc.name))
-        return found
+        return agent_pids(self.state_dir, function)
+
+
+def agent_pids(state_dir: Path, function: str | None = None) -> set[int]:
+    """Agent processes of the gateway whose state directory is ``state_dir`` (their command line names it)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv]
+        ours = any(str(state_dir) in a for a in text) and "lambdalet_agent" in text
+        if ours and (function is None or function in text):
+            found.add(int(proc.name))
+    return found
 
 
 def processes_in(directory: Path) -> set[int]:
