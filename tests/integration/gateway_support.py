@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -264,3 +265,15 @@ def running_gateway(
     finally:
         loop.call_soon_threadsafe(holder["stop"].set)
         thread.join(60)
+
+
+def aws_cli() -> tuple[Path, dict[str, str]]:
+    """The AWS CLI installed in this venv and an environment for it that needs no AWS account (the gateway
+    does not check credentials) and prints without a pager."""
+    env = os.environ | {
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_PAGER": "",
+    }
+    return Path(sys.executable).parent / "aws", env

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
-from gateway_support import EXAMPLES, RunningGateway, running_gateway, write_function
+from gateway_support import EXAMPLES, RunningGateway, aws_cli, running_gateway, write_function
 
 CONTEXT_ECHO = """
 def handler(event, context):
@@ -145,13 +142,7 @@ def test_get_function_and_configuration(gateway: RunningGateway) -> None:
 
 
 def test_aws_cli_lists_functions(gateway: RunningGateway) -> None:
-    aws = Path(sys.executable).parent / "aws"
-    env = os.environ | {
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "x",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_PAGER": "",
-    }
+    aws, env = aws_cli()
     out = subprocess.run(
         [str(aws), "lambda", "list-functions", "--endpoint-url", gateway.url, "--output", "json"],
         capture_output=True,

@@ -17,7 +17,6 @@ import json
 import os
 import signal as signal_module
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from botocore.exceptions import ClientError
-from gateway_support import EXAMPLES, RunningGateway, running_gateway, wait_for, write_function
+from gateway_support import EXAMPLES, RunningGateway, aws_cli, running_gateway, wait_for, write_function
 
 GATED = """
 import { existsSync } from 'node:fs';
@@ -395,13 +394,7 @@ def test_a_caller_that_goes_away_mid_stream_frees_the_environment_when_the_funct
 def test_the_aws_cli_invokes_a_streaming_function(gateway: RunningGateway, tmp_path: Path) -> None:
     """AWS's CLI has no ``invoke-with-response-stream`` command (neither v1 nor v2 offers the operation),
     so it calls a streaming function through ``invoke``: the whole stream, or the function error."""
-    aws = Path(sys.executable).parent / "aws"
-    env = os.environ | {
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "x",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_PAGER": "",
-    }
+    aws, env = aws_cli()
     command = [str(aws), "lambda", "invoke", "--function-name", "stream-node", "--endpoint-url", gateway.url]
     command += ["--output", "json"]
     outputs: list[tuple[dict[str, Any], bytes]] = []
